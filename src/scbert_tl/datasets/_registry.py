@@ -1,0 +1,123 @@
+"""One pooch registry for every downloaded asset, with integrity checks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import pooch
+
+from .._settings import settings
+
+logger = logging.getLogger(__name__)
+
+
+class IntegrityError(OSError):
+    """A downloaded or cached file does not match its published checksum."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A downloadable file and how to verify it.
+
+    Parameters
+    ----------
+    name
+        Registry name; also the cached file name.
+    url
+        Where to download it from.
+    sha256
+        SHA-256 of the file, where published.
+    git_sha1
+        Git blob SHA-1 (``sha1(b"blob <size>\\0" + content)``), where only that is published.
+    description
+        One line for humans.
+    license
+        Terms of the asset.
+    """
+
+    name: str
+    url: str
+    sha256: str | None = None
+    git_sha1: str | None = None
+    description: str = ""
+    license: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.sha256 or self.git_sha1):
+            raise ValueError(f"Asset {self.name!r} needs a sha256 or a git_sha1: downloads are always verified.")
+
+
+def _load_registry() -> dict[str, Asset]:
+    raw = json.loads(files(__package__).joinpath("registry.json").read_text())
+    return {name: Asset(name=name, **entry) for name, entry in raw.items()}
+
+
+REGISTRY: dict[str, Asset] = _load_registry()
+
+
+def available() -> list[str]:
+    """Names of the assets in the registry."""
+    return sorted(REGISTRY)
+
+
+def git_blob_sha1(path: str | os.PathLike) -> str:
+    """The git blob SHA-1 of a file (what ``git hash-object`` prints)."""
+    path = Path(path)
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
+    """Download (once) and verify an asset; return the path of the cached file.
+
+    The file lives in :attr:`scbert.settings.cachedir <scbert_tl._settings.ScBERTSettings.cachedir>`
+    (``SCBERT_DATA_DIR`` overrides it). A file that fails its checksum, freshly downloaded or found in
+    the cache, is deleted and an :class:`IntegrityError` is raised; it is never used.
+
+    Parameters
+    ----------
+    asset
+        A registry name (see :func:`available`) or an :class:`Asset`.
+    progressbar
+        Show a download progress bar (default: when ``settings.verbosity >= 2``).
+
+    Returns
+    -------
+    Path of the verified local file.
+    """
+    if isinstance(asset, str):
+        if asset not in REGISTRY:
+            raise KeyError(f"Unknown asset {asset!r}; the registry has {available()}.")
+        asset = REGISTRY[asset]
+    cache = settings.cachedir
+    cache.mkdir(parents=True, exist_ok=True)
+    progressbar = settings.progress if progressbar is None else progressbar
+    known_hash = f"sha256:{asset.sha256}" if asset.sha256 else None
+    target = cache / asset.name
+    if known_hash is None and not target.exists():
+        logger.info("Downloading %s from %s", asset.name, asset.url)
+    try:
+        path = Path(
+            pooch.retrieve(asset.url, known_hash=known_hash, fname=asset.name, path=cache, progressbar=progressbar)
+        )
+    except ValueError as e:  # pooch's hash mismatch: it has already discarded the download
+        target.unlink(missing_ok=True)
+        raise IntegrityError(f"{asset.name}: the download from {asset.url} does not match its sha256; {e}") from e
+    if asset.git_sha1:
+        got = git_blob_sha1(path)
+        if got != asset.git_sha1:
+            path.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{asset.name}: file from {asset.url} has git blob SHA-1 {got}, expected {asset.git_sha1}. "
+                "The corrupt copy was deleted from the cache; try again, or check your network/proxy."
+            )
+    return path

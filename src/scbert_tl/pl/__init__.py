@@ -1,0 +1,3 @@
+"""Plotting: attention, confusion matrices, training history."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Tools: pretrain, fine-tune, annotate, embed, explain."""
+
+__all__: list[str] = []
