@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pickle
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from .model import CheckpointError, ScBERTConfig, ScBERTNetwork, infer_config, load_into, to_own_state_dict
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,9 @@ class ScBERT:
             )
         if len(set(genes)) != len(genes):
             dup = sorted({g for g in genes if genes.count(g) > 1})[:5]
-            raise CheckpointError(f"The gene panel has duplicated symbols, e.g. {dup}; each position needs its own gene.")
+            raise CheckpointError(
+                f"The gene panel has duplicated symbols, e.g. {dup}; each position needs its own gene."
+            )
         if classes is not None:
             classes = [str(x) for x in classes]
             if len(classes) != c.n_classes:
@@ -347,4 +349,6 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
             "Re-save it as a plain state dict: torch.save(model.state_dict(), 'weights.pth')."
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} could not be read as a torch checkpoint ({e}); it is truncated or corrupt.") from e
+        raise CheckpointError(
+            f"{path} could not be read as a torch checkpoint ({e}); it is truncated or corrupt."
+        ) from e

@@ -5,14 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pooch
 
 from .._settings import settings
+
+if TYPE_CHECKING:
+    import os
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +26,7 @@ class IntegrityError(OSError):
 
 @dataclass(frozen=True)
 class Asset:
-    """A downloadable file and how to verify it.
+    r"""A downloadable file and how to verify it.
 
     Parameters
     ----------

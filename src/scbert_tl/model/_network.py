@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._config import ScBERTConfig
 from ._favor import FavorAttention
+
+if TYPE_CHECKING:
+    from ._config import ScBERTConfig
 
 
 class FeedForward(nn.Module):
@@ -133,7 +137,9 @@ class ScBERTNetwork(nn.Module):
             raise RuntimeError("This network has no pretraining head (lm_head).")
         return self.lm_head(self.encode(tokens))
 
-    def add_classifier(self, n_classes: int, *, hidden: tuple[int, int] | None = None, dropout: float | None = None) -> None:
+    def add_classifier(
+        self, n_classes: int, *, hidden: tuple[int, int] | None = None, dropout: float | None = None
+    ) -> None:
         """Replace (or add) the classifier head with a freshly initialised one for ``n_classes``."""
         c = self.config
         c.n_classes = n_classes

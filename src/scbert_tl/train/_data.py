@@ -40,7 +40,9 @@ class TokenMatrix:
         sub = sp.csr_matrix(bins)[:, keep]
         sub.sum_duplicates()
         # same rows, columns renumbered into panel order
-        self.csr = sp.csr_matrix((sub.data.astype(np.int8), cols[sub.indices], sub.indptr), shape=(sub.shape[0], n_genes))
+        self.csr = sp.csr_matrix(
+            (sub.data.astype(np.int8), cols[sub.indices], sub.indptr), shape=(sub.shape[0], n_genes)
+        )
         self.csr.sort_indices()
         self.n_genes = n_genes
 

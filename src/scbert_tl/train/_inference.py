@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,7 +31,9 @@ def auto_batch_size(config: ScBERTConfig, device: torch.device, *, training: boo
     if settings.batch_size != "auto":
         return int(settings.batch_size)
     # float32 activations that live at once in one block, per cell
-    per_pos = 2 * config.heads * config.n_features + 4 * config.heads * config.dim_head + 2 * config.dim * config.ff_mult
+    per_pos = (
+        2 * config.heads * config.n_features + 4 * config.heads * config.dim_head + 2 * config.dim * config.ff_mult
+    )
     per_cell = 4 * config.seq_len * per_pos
     if training:
         per_cell *= 2 * config.depth
@@ -83,8 +84,3 @@ def run_batches(
         network.train(was_training)
     n_out = len(outputs[0]) if outputs else 0
     return [np.concatenate([o[i] for o in outputs]) for i in range(n_out)]
-
-
-def n_batches(n: int, batch_size: int) -> int:
-    """Number of batches of ``batch_size`` covering ``n`` items."""
-    return math.ceil(n / batch_size)
