@@ -35,7 +35,8 @@ def _version() -> str:
 class ScBERT:
     """An scBERT model: the network, the genes it reads (in order), its bins and its class names.
 
-    Create one with :meth:`new`, :meth:`load` or :meth:`from_pretrained`, or get one back from
+    Create one with :meth:`~scbert_tl.ScBERT.new`, :meth:`~scbert_tl.ScBERT.load` or
+    :meth:`~scbert_tl.ScBERT.from_pretrained`, or get one back from
     :func:`scbert_tl.tl.finetune` / :func:`scbert_tl.tl.pretrain`.
 
     Parameters

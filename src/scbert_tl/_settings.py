@@ -29,7 +29,7 @@ class ScBERTSettings:
     # device -------------------------------------------------------------------------------------
     @property
     def device(self) -> str:
-        """Compute device: ``"auto"`` (CUDA when available, else CPU) or any :class:`torch.device` string."""
+        """Compute device, ``"auto"`` (CUDA when available, else CPU) or any :class:`torch.device` string."""
         return self._device
 
     @device.setter
@@ -55,7 +55,7 @@ class ScBERTSettings:
     # precision ----------------------------------------------------------------------------------
     @property
     def precision(self) -> str:
-        """Matrix precision: ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``."""
+        """Matrix precision, ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``."""
         return self._precision
 
     @precision.setter
@@ -76,7 +76,7 @@ class ScBERTSettings:
     # batch size and workers -----------------------------------------------------------------------
     @property
     def batch_size(self) -> int | str:
-        """Cells per forward pass: ``"auto"`` (sized to the device and model) or a positive integer."""
+        """Cells per forward pass, ``"auto"`` (sized to the device and model) or a positive integer."""
         return self._batch_size
 
     @batch_size.setter
@@ -117,7 +117,7 @@ class ScBERTSettings:
     # cache --------------------------------------------------------------------------------------
     @property
     def cachedir(self) -> Path:
-        """Where downloaded assets are cached: ``SCBERT_DATA_DIR`` if set, else the OS cache folder."""
+        """Where downloaded assets are cached (``SCBERT_DATA_DIR`` if set, else the OS cache folder)."""
         if self._cachedir is not None:
             return self._cachedir
         env = os.environ.get("SCBERT_DATA_DIR")

@@ -80,5 +80,5 @@ def read_gene2vec(path: str | os.PathLike, genes: Sequence[str]) -> tuple[np.nda
 
 
 def gene2vec_matrix(genes: Sequence[str]) -> tuple[np.ndarray, float]:
-    """Fetch gene2vec through the registry and align it to ``genes`` (see :func:`read_gene2vec`)."""
+    """Fetch gene2vec through the registry and align it to ``genes`` (see :func:`~scbert_tl.datasets.read_gene2vec`)."""
     return read_gene2vec(fetch("gene2vec-200"), genes)

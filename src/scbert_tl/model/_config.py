@@ -81,12 +81,12 @@ class ScBERTConfig:
 
     @property
     def seq_len(self) -> int:
-        """Positions seen by the network: the panel plus one appended position."""
+        """Positions seen by the network (the panel plus one appended position)."""
         return self.n_genes + 1
 
     @property
     def num_tokens(self) -> int:
-        """Vocabulary size: ``n_bins + 1`` expression tokens and ``[MASK]``."""
+        """Vocabulary size (``n_bins + 1`` expression tokens and ``[MASK]``)."""
         return self.n_bins + 2
 
     @property
