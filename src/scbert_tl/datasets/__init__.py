@@ -4,7 +4,7 @@ Files are cached in ``scbert.settings.cachedir``; set ``SCBERT_DATA_DIR`` to cho
 pre-filled folder works offline).
 """
 
-from ._assets import gene2vec_matrix, panel_genes, read_gene2vec
+from ._assets import gene2vec_matrix, hgnc_table, panel_genes, read_gene2vec, read_hgnc
 from ._registry import REGISTRY, Asset, IntegrityError, available, fetch, git_blob_sha1
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "fetch",
     "gene2vec_matrix",
     "git_blob_sha1",
+    "hgnc_table",
     "panel_genes",
     "read_gene2vec",
+    "read_hgnc",
 ]

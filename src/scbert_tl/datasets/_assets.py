@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Sequence
 
+    import pandas as pd
+
 logger = logging.getLogger(__name__)
 
 PANELS = {"scbert-panglao": "scbert-panglao-genes"}
@@ -82,3 +84,49 @@ def read_gene2vec(path: str | os.PathLike, genes: Sequence[str]) -> tuple[np.nda
 def gene2vec_matrix(genes: Sequence[str]) -> tuple[np.ndarray, float]:
     """Fetch gene2vec through the registry and align it to ``genes`` (see :func:`~scbert_tl.datasets.read_gene2vec`)."""
     return read_gene2vec(fetch("gene2vec-200"), genes)
+
+
+HGNC_COLUMNS = ("hgnc_id", "symbol", "prev_symbol", "alias_symbol", "ensembl_gene_id")
+
+
+def read_hgnc(path: str | os.PathLike) -> pd.DataFrame:
+    """Read an HGNC complete-set table (tab-separated, as genenames.org publishes it).
+
+    Parameters
+    ----------
+    path
+        The ``hgnc_complete_set`` text file, or any TSV with the same columns.
+
+    Returns
+    -------
+    A frame with columns ``hgnc_id``, ``symbol``, ``prev_symbol``, ``alias_symbol`` and
+    ``ensembl_gene_id`` (strings; multiple previous or alias symbols are ``|``-separated, missing
+    values are empty strings).
+    """
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, sep="\t", dtype=str, usecols=lambda c: c in HGNC_COLUMNS, quoting=3)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path} is not an HGNC complete-set table ({e}).") from e
+    missing = [c for c in HGNC_COLUMNS if c not in frame.columns]
+    if missing or frame.empty:
+        raise ValueError(
+            f"{path} is not an HGNC complete-set table: columns {missing} are missing or it has no rows "
+            "(download it from https://www.genenames.org/download/archive/)."
+        )
+    return frame.fillna("").apply(lambda col: col.str.strip('"'))
+
+
+def hgnc_table() -> pd.DataFrame:
+    """Fetch the HGNC nomenclature table through the registry (see :func:`~scbert_tl.datasets.read_hgnc`).
+
+    A download that is not an HGNC table (an error page, a truncated file) is deleted from the cache.
+    """
+    path = fetch("hgnc-complete-set")
+    try:
+        return read_hgnc(path)
+    except ValueError:
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".sha256").unlink(missing_ok=True)
+        raise

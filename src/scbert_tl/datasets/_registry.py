@@ -38,6 +38,11 @@ class Asset:
         SHA-256 of the file, where published.
     git_sha1
         Git blob SHA-1 (``sha1(b"blob <size>\\0" + content)``), where only that is published.
+    pin
+        For a file whose publisher gives no checksum (a dated, immutable release): its SHA-256 is
+        recorded beside the cached copy at the first download and every later use is checked
+        against it, so a truncated or altered cache is refused. A readable format check of the
+        content (the asset's reader) guards the first download.
     description
         One line for humans.
     license
@@ -48,12 +53,16 @@ class Asset:
     url: str
     sha256: str | None = None
     git_sha1: str | None = None
+    pin: bool = False
     description: str = ""
     license: str = ""
 
     def __post_init__(self) -> None:
-        if not (self.sha256 or self.git_sha1):
-            raise ValueError(f"Asset {self.name!r} needs a sha256 or a git_sha1: downloads are always verified.")
+        if not (self.sha256 or self.git_sha1 or self.pin):
+            raise ValueError(
+                f"Asset {self.name!r} needs a sha256 or a git_sha1 (or pin=True for a dated release without a "
+                "published checksum): downloads are always verified."
+            )
 
 
 def _load_registry() -> dict[str, Asset]:
@@ -77,6 +86,30 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_pin(asset: Asset, path: Path) -> None:
+    """Record the SHA-256 of a pinned asset at its first download; check it on every later use."""
+    pin_file = path.with_name(path.name + ".sha256")
+    got = _sha256(path)
+    if not pin_file.exists():
+        pin_file.write_text(got + "\n")
+        logger.info("%s has no published checksum; pinned its sha256 %s at first download", asset.name, got)
+    elif pin_file.read_text().strip() != got:
+        path.unlink(missing_ok=True)
+        pin_file.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"{asset.name}: the cached copy no longer matches the sha256 pinned at its first download. "
+            "The corrupt copy was deleted from the cache; fetch it again."
+        )
 
 
 def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
@@ -115,6 +148,8 @@ def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
     except ValueError as e:  # pooch's hash mismatch: it has already discarded the download
         target.unlink(missing_ok=True)
         raise IntegrityError(f"{asset.name}: the download from {asset.url} does not match its sha256; {e}") from e
+    if asset.pin and not (asset.sha256 or asset.git_sha1):
+        _check_pin(asset, path)
     if asset.git_sha1:
         got = git_blob_sha1(path)
         if got != asset.git_sha1:

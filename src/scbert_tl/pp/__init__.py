@@ -1,3 +1,5 @@
 """Preprocessing: align genes to a model panel and bin expression into tokens."""
 
-__all__: list[str] = []
+from ._bin import bin
+
+__all__ = ["bin"]

@@ -1,0 +1,493 @@
+"""``scbert.pp.bin``: align genes to a model panel and turn expression into scBERT tokens."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from .._settings import settings
+from ._genes import align_genes, is_ensembl
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from .._scbert import ScBERT
+    from ..train import TokenMatrix
+
+logger = logging.getLogger(__name__)
+
+LAYER = "scbert_bins"
+PANEL_INDEX = "scbert_panel_index"
+TARGET_SUM = 1e4
+QC_MIN_GENES = 200  # the paper's quality control: cells with fewer expressed genes are flagged
+InputKind = Literal["counts", "log1p", "log2", "normalized"]
+_RATIO_TOL = 2e-3  # relative tolerance for recovering integer counts from log-normalised values
+
+
+def panel_checksum(genes: Sequence[str]) -> str:
+    """A short fingerprint of a gene panel (its symbols, in order)."""
+    return hashlib.sha1("\n".join(genes).encode()).hexdigest()[:16]
+
+
+def _resolve_panel(panel: str | Sequence[str] | ScBERT) -> tuple[list[str], str]:
+    from .. import datasets
+    from .._scbert import ScBERT
+
+    if isinstance(panel, ScBERT):
+        return list(panel.genes), panel.panel or "model"
+    if isinstance(panel, str):
+        return datasets.panel_genes(panel), panel
+    genes = [str(g) for g in panel]
+    if not genes:
+        raise ValueError("panel is an empty list of genes.")
+    if len(set(genes)) != len(genes):
+        raise ValueError("panel has duplicated gene symbols; each panel position needs its own gene.")
+    return genes, "custom"
+
+
+@functools.cache
+def _registry_nomenclature(cachedir: str) -> pd.DataFrame | None:
+    from .. import datasets
+
+    try:
+        return datasets.hgnc_table()
+    except (OSError, ValueError) as e:  # offline, blocked, or a bad download (already removed)
+        logger.warning(
+            "The HGNC nomenclature table could not be fetched (%s); genes are matched by exact and "
+            "case-insensitive symbol only, so renamed genes and Ensembl IDs are not aligned. Put the "
+            "file in %s or pass aliases=PATH to use previous and alias symbols.",
+            type(e).__name__,
+            cachedir,
+        )
+        return None
+
+
+def _nomenclature(aliases: str | os.PathLike | pd.DataFrame | None) -> tuple[pd.DataFrame | None, str]:
+    from .. import datasets
+
+    if aliases is None or aliases is False:
+        return None, "not used (aliases=None): exact and case-insensitive symbols only"
+    if isinstance(aliases, pd.DataFrame):
+        return aliases, "user-supplied table"
+    if isinstance(aliases, str) and aliases == "hgnc":
+        table = _registry_nomenclature(str(settings.cachedir))
+        if table is None:
+            return None, "unavailable (HGNC table could not be fetched): exact and case-insensitive symbols only"
+        return table, f"HGNC complete set ({datasets.REGISTRY['hgnc-complete-set'].url})"
+    return datasets.read_hgnc(aliases), f"HGNC-format table {aliases}"
+
+
+# ------------------------------------------------------------------------------------------ input kind
+def _row_ids(m: sp.csr_matrix) -> np.ndarray:
+    return np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
+
+
+def _integer_ratio_rows(m: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: whether values are integer multiples of the row's smallest value, and the rounded ratios."""
+    nnz = np.diff(m.indptr)
+    nonempty = nnz > 0
+    mins = np.ones(m.shape[0])
+    if m.data.size:
+        mins[nonempty] = np.minimum.reduceat(m.data, m.indptr[:-1][nonempty])
+    ratio = m.data / np.repeat(mins, nnz)
+    rounded = np.round(ratio)
+    dev = np.abs(ratio - rounded) / np.maximum(rounded, 1.0)
+    worst = np.zeros(m.shape[0])
+    if dev.size:
+        worst[nonempty] = np.maximum.reduceat(dev, m.indptr[:-1][nonempty])
+    return worst <= _RATIO_TOL, rounded
+
+
+def _constant_totals(m: sp.csr_matrix) -> bool:
+    totals = np.asarray(m.sum(axis=1)).ravel()
+    totals = totals[totals > 0]
+    return totals.size >= 2 and totals.std() <= 1e-3 * totals.mean()
+
+
+_INVERSE = {"log1p": np.expm1, "log2": lambda y: np.exp2(y) - 1.0}
+
+
+def _with_data(m: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
+    return sp.csr_matrix((data, m.indices, m.indptr), shape=m.shape)
+
+
+def _check_values(m: sp.csr_matrix, where: str) -> None:
+    if m.data.size and not np.isfinite(m.data).all():
+        bad = int((~np.isfinite(m.data)).sum())
+        raise ValueError(
+            f"{where} contains {bad} NaN or infinite values. scBERT needs raw counts or log-normalised "
+            "expression; fix or remove those cells (e.g. adata = adata[np.isfinite(adata.X.sum(1))]) and run again."
+        )
+    if m.data.size and m.data.min() < 0:
+        raise ValueError(
+            f"{where} has negative values (min {m.data.min():.3g}): it looks scaled or centred (sc.pp.scale, "
+            "regress_out, PCA input). scBERT needs raw counts or log-normalised values: pass layer='counts' (or "
+            "the layer holding counts), use_raw=True if adata.raw holds them, or bin before scaling."
+        )
+
+
+def detect_kind(sample: sp.csr_matrix, where: str = "the input") -> InputKind:
+    """Tell raw counts from log1p / log2 normalised data (or normalised, not logged) from a sample of cells.
+
+    Log-normalised values are recognised by what they become when the logarithm is undone: either
+    every cell sums to the same total (``sc.pp.normalize_total``), or a cell's values are integer
+    multiples of its smallest one (counts divided by a per-cell size factor).
+    """
+    sample = sp.csr_matrix(sample, dtype=np.float64)
+    sample.eliminate_zeros()
+    _check_values(sample, where)
+    d = sample.data
+    if d.size == 0:
+        raise ValueError(f"{where} has no non-zero values in the cells checked; there is nothing to bin.")
+    if np.all(d == np.round(d)):
+        return "counts"
+    if d.max() < 50:
+        for kind, inverse in _INVERSE.items():
+            lin = _with_data(sample, inverse(d))
+            if _constant_totals(lin) or _integer_ratio_rows(lin)[0].mean() >= 0.9:
+                return kind
+    if _constant_totals(sample) or _integer_ratio_rows(sample)[0].mean() >= 0.9:
+        return "normalized"
+    raise ValueError(
+        f"The values of {where} are neither integer counts nor log1p / log2 of per-cell normalised counts "
+        f"(e.g. {np.round(d[:5], 4).tolist()}). Pass raw counts (a layer such as layer='counts', or use_raw=True), "
+        "or data processed only by sc.pp.normalize_total and sc.pp.log1p."
+    )
+
+
+def _linear(chunk: sp.csr_matrix, kind: InputKind, where: str) -> sp.csr_matrix:
+    """Values proportional to each cell's counts."""
+    if kind == "counts":
+        if chunk.data.size and not np.all(chunk.data == np.round(chunk.data)):
+            raise ValueError(
+                f"{where} looked like raw counts in the first cells but has non-integer values later on; "
+                "the matrix mixes counts and normalised values. Pass one kind of data."
+            )
+        return chunk
+    lin = _with_data(chunk, _INVERSE[kind](chunk.data)) if kind in _INVERSE else chunk
+    ok, rounded = _integer_ratio_rows(lin)
+    # where a cell's values are exact multiples of its smallest one, use the recovered integer counts
+    use = np.repeat(ok, np.diff(lin.indptr))
+    lin.data = np.where(use, rounded, lin.data)
+    return lin
+
+
+def _tokens(
+    lin: sp.csr_matrix, target: np.ndarray, primary: np.ndarray, n_bins: int
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Bins in the user's var space (columns of panel genes only) and each cell's panel total."""
+    n_rows, n_cols = lin.shape
+    rows = _row_ids(lin)
+    keep = target[lin.indices] >= 0
+    r, c, v = rows[keep], primary[lin.indices[keep]], lin.data[keep]
+    totals = np.bincount(r, weights=v, minlength=n_rows)
+    if c.size and np.unique(r * np.int64(n_cols) + c).size != c.size:  # duplicated genes: sum first
+        summed = sp.csr_matrix((v, (r, c)), shape=(n_rows, n_cols))
+        summed.sum_duplicates()
+        r, c, v = _row_ids(summed), summed.indices, summed.data
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = v / totals[r] * TARGET_SUM
+    tok = np.minimum(np.floor(np.log2(1.0 + x)), n_bins)
+    nz = tok > 0
+    bins = sp.csr_matrix((tok[nz].astype(np.int8), (r[nz], c[nz])), shape=(n_rows, n_cols), dtype=np.int8)
+    return bins, totals
+
+
+def _source(adata: AnnData, layer: str | None, use_raw: bool) -> tuple[Any, str]:
+    if layer is not None and use_raw:
+        raise ValueError("Pass either layer= or use_raw=True, not both.")
+    if use_raw:
+        if adata.raw is None:
+            raise ValueError("use_raw=True but adata.raw is None.")
+        if adata.raw.n_vars != adata.n_vars or not adata.raw.var_names.equals(adata.var_names):
+            raise ValueError(
+                f"adata.raw has {adata.raw.n_vars} genes but adata has {adata.n_vars}: the bins layer lives in "
+                "adata's genes. Bin the full data instead: raw = adata.raw.to_adata(); scbert.pp.bin(raw)."
+            )
+        return adata.raw.X, "adata.raw.X"
+    if layer is not None:
+        if layer not in adata.layers:
+            raise KeyError(f"Layer {layer!r} not found; adata.layers has {list(adata.layers)}.")
+        return adata.layers[layer], f"adata.layers[{layer!r}]"
+    return adata.X, "adata.X"
+
+
+def _rows(X: Any, start: int, stop: int) -> sp.csr_matrix:
+    chunk = X[start:stop]
+    if hasattr(chunk, "to_memory"):
+        chunk = chunk.to_memory()
+    return sp.csr_matrix(chunk, dtype=np.float64)
+
+
+def _gene_ids(adata: AnnData, gene_key: str | None) -> pd.Index:
+    if gene_key is None:
+        return adata.var_names
+    if gene_key not in adata.var:
+        raise KeyError(f"gene_key={gene_key!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
+    return pd.Index(adata.var[gene_key].astype(str))
+
+
+def bin(
+    adata: AnnData,
+    *,
+    panel: str | Sequence[str] | ScBERT = "scbert-panglao",
+    gene_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    n_bins: int = 5,
+    aliases: str | os.PathLike | pd.DataFrame | None = "hgnc",
+    min_genes: int | None = None,
+    chunk_size: int = 10_000,
+    key_added: str = "scbert",
+    copy: bool = False,
+) -> AnnData | None:
+    """Align genes to a model panel and turn expression into scBERT's tokens.
+
+    For each cell, expression over the panel genes is normalised to 10,000 and tokenised as
+    ``min(floor(log2(1 + x)), n_bins)`` (the published scBERT preprocessing). Raw counts are used
+    as they are; log1p (natural log, scanpy's default) or log2 normalised values are converted back
+    exactly first. Which kind of input was found is logged and recorded.
+
+    Genes are matched to the panel by exact symbol, then case-insensitively, then through previous
+    and alias symbols and Ensembl IDs of the HGNC nomenclature. User genes that land on the same
+    panel gene have their expression summed. The coverage (matched panel genes, the fraction of
+    the counts that land in the panel) is logged and stored; below 50% it is a warning, with no
+    overlap an error. The data is read in chunks of cells and never densified, so backed and very
+    large AnnData objects work.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes. Not changed except for the slots listed under Returns.
+    panel
+        The model's gene panel: a registry name (``"scbert-panglao"``), a list of gene symbols in
+        model order, or an :class:`~scbert_tl.ScBERT` whose panel is used.
+    gene_key
+        Column of ``adata.var`` holding the gene identifiers (symbols or Ensembl IDs); default
+        ``adata.var_names``.
+    layer
+        Layer to read instead of ``adata.X``.
+    use_raw
+        Read ``adata.raw.X`` (it must have the same genes as ``adata``).
+    n_bins
+        Expression bins (the published model: 5).
+    aliases
+        Nomenclature for previous/alias symbols and Ensembl IDs: ``"hgnc"`` (the HGNC table from the
+        registry; offline, exact and case matching only, with a warning), a path to an HGNC-format
+        TSV, a :class:`~pandas.DataFrame` from :func:`scbert_tl.datasets.read_hgnc`, or ``None``.
+    min_genes
+        Remove cells with fewer expressed genes than this (the paper used 200). By default no cell is
+        removed; cells with fewer than 200 are only flagged.
+    chunk_size
+        Cells read and binned at a time.
+    key_added
+        Key of the record in ``adata.uns`` and prefix of the ``obs`` columns.
+    copy
+        Return a binned copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the binned copy with ``copy=True``. Writes:
+
+    ``adata.layers["scbert_bins"]``
+        Sparse (CSR) int8 tokens in ``adata``'s own genes; columns of genes outside the panel are empty.
+    ``adata.var["scbert_panel_index"]``
+        Each gene's position in the panel, -1 when it is not used.
+    ``adata.obs[f"{key_added}_n_genes"]``, ``adata.obs[f"{key_added}_low_quality"]``
+        Expressed genes per cell, and whether that is below 200 (or ``min_genes``).
+    ``adata.uns[key_added]``
+        Panel, input kind, coverage, nomenclature source and the parameters.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import scbert_tl as scbert
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> scbert.pp.bin(adata, use_raw=True)  # doctest: +SKIP
+    """
+    if n_bins < 1 or n_bins > 126:
+        raise ValueError(f"n_bins must be between 1 and 126, got {n_bins}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    if copy:
+        adata = adata.copy()
+    genes, panel_name = _resolve_panel(panel)
+    X, where = _source(adata, layer, use_raw)
+    ids = _gene_ids(adata, gene_key)
+
+    table, nom_source = _nomenclature(aliases)
+    alignment = align_genes(ids, genes, nomenclature=table)
+    n_matched = int((alignment.panel_index >= 0).sum())
+    if n_matched == 0:
+        hint = ""
+        if is_ensembl(ids).mean() > 0.5:
+            hint = (
+                " The genes look like Ensembl IDs: pass gene_key= a var column with gene symbols, or make the "
+                "HGNC table available (aliases=)."
+            )
+        raise ValueError(
+            f"None of the {len(ids)} genes of adata ({', '.join(map(str, ids[:3]))}, ...) is in the model panel "
+            f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
+            f"trained on your genes.{hint}"
+        )
+
+    kind = detect_kind(_rows(X, 0, min(adata.n_obs, 2000)), where)
+    logger.info(
+        "pp.bin: %s looks like %s; %s",
+        where,
+        {
+            "counts": "raw counts",
+            "log1p": "log1p (natural log) normalised data",
+            "log2": "log2(1 + x) normalised data",
+            "normalized": "normalised, not log-transformed data",
+        }[kind],
+        "normalising to 1e4 per cell over the panel genes" if kind == "counts" else "undoing it exactly",
+    )
+
+    target = alignment.target
+    primary = np.full(target.size, -1, dtype=np.int64)
+    first_of_position = {pos: j for j, pos in enumerate(alignment.panel_index) if pos >= 0}
+    for j, pos in enumerate(target):
+        if pos >= 0:
+            primary[j] = first_of_position[pos]
+
+    chunks, n_genes_expr = [], []
+    panel_total = all_total = 0.0
+    zero_cells = 0
+    bar = tqdm(
+        total=adata.n_obs, desc="pp.bin", unit="cells", disable=not settings.progress or adata.n_obs <= chunk_size
+    )
+    for start in range(0, adata.n_obs, chunk_size):
+        stop = min(start + chunk_size, adata.n_obs)
+        raw = _rows(X, start, stop)
+        raw.eliminate_zeros()
+        _check_values(raw, f"{where} (cells {start}..{stop - 1})")
+        lin = _linear(raw, kind, where)
+        bins, totals = _tokens(lin, target, primary, n_bins)
+        chunks.append(bins)
+        n_genes_expr.append(np.diff(raw.indptr))
+        panel_total += totals.sum()
+        all_total += lin.data.sum()
+        zero_cells += int((totals == 0).sum())
+        bar.update(stop - start)
+    bar.close()
+    bins = sp.vstack(chunks, format="csr", dtype=np.int8) if len(chunks) > 1 else chunks[0]
+    n_expr = np.concatenate(n_genes_expr)
+
+    counts_fraction = float(panel_total / all_total) if all_total > 0 else 0.0
+    coverage = {
+        "panel_genes_matched": n_matched,
+        "panel_size": len(genes),
+        "panel_fraction": n_matched / len(genes),
+        "user_genes": int(len(ids)),
+        "user_genes_matched": int((target >= 0).sum()),
+        "counts_fraction": counts_fraction,
+        "by_method": alignment.counts(),
+        "duplicates_summed": alignment.duplicates,
+        "shadowed": len(alignment.shadowed),
+        "cells_without_panel_counts": zero_cells,
+    }
+    logger.info(
+        "pp.bin: %d of %d panel genes matched (%.1f%%; exact %d, case %d, nomenclature %d, Ensembl %d); "
+        "%.1f%% of the counts land in the panel",
+        n_matched,
+        len(genes),
+        100 * coverage["panel_fraction"],
+        *alignment.counts().values(),
+        100 * counts_fraction,
+    )
+    if alignment.duplicates:
+        logger.info(
+            "pp.bin: %d genes map to a panel gene another gene already has; their counts were summed",
+            alignment.duplicates,
+        )
+    if coverage["panel_fraction"] < 0.5:
+        logger.warning(
+            "Only %d of the %d panel genes (%.1f%%) are in your data: the model sees the rest as not expressed. "
+            "Predictions may be less reliable; see adata.uns[%r]['coverage'].",
+            n_matched,
+            len(genes),
+            100 * coverage["panel_fraction"],
+            key_added,
+        )
+    if zero_cells:
+        logger.warning("%d cells have no counts in panel genes; all their tokens are 0.", zero_cells)
+
+    if LAYER in adata.layers:
+        logger.info("pp.bin: replacing the existing adata.layers[%r]", LAYER)
+    qc_threshold = QC_MIN_GENES if min_genes is None else int(min_genes)
+    adata.layers[LAYER] = bins
+    adata.var[PANEL_INDEX] = alignment.panel_index
+    adata.obs[f"{key_added}_n_genes"] = n_expr
+    adata.obs[f"{key_added}_low_quality"] = n_expr < qc_threshold
+    adata.uns[key_added] = {
+        "panel": panel_name,
+        "panel_size": len(genes),
+        "panel_checksum": panel_checksum(genes),
+        "n_bins": n_bins,
+        "input": where,
+        "input_kind": kind,
+        "coverage": coverage,
+        "nomenclature": nom_source,
+        "params": {
+            "panel": panel_name,
+            "gene_key": gene_key,
+            "layer": layer,
+            "use_raw": use_raw,
+            "n_bins": n_bins,
+            "min_genes": min_genes,
+            "aliases": aliases if isinstance(aliases, str) or aliases is None else "table",
+        },
+    }
+    n_low = int((n_expr < qc_threshold).sum())
+    if min_genes is not None and n_low:
+        logger.info("pp.bin: removing %d cells with fewer than %d expressed genes", n_low, min_genes)
+        adata._inplace_subset_obs(n_expr >= min_genes)
+    elif n_low:
+        logger.info(
+            "pp.bin: %d cells have fewer than %d expressed genes; flagged in obs[%r] (pass min_genes=200 to "
+            "remove them)",
+            n_low,
+            qc_threshold,
+            f"{key_added}_low_quality",
+        )
+    return adata if copy else None
+
+
+def tokens_for(adata: AnnData, model: ScBERT) -> TokenMatrix:
+    """The model's tokens for ``adata``, running :func:`bin` first when the bins are missing or for another panel.
+
+    A re-run reuses the input choices (``layer``, ``use_raw``, ``gene_key``) of the last :func:`bin`.
+    """
+    from ..train import TokenMatrix
+
+    info = adata.uns.get("scbert")
+    current = (
+        LAYER in adata.layers
+        and PANEL_INDEX in adata.var
+        and isinstance(info, dict)
+        and info.get("panel_checksum") == panel_checksum(model.genes)
+        and int(info.get("n_bins", -1)) == model.n_bins
+    )
+    if not current:
+        params = dict(info.get("params", {})) if isinstance(info, dict) else {}
+        kwargs = {k: params[k] for k in ("gene_key", "layer", "use_raw") if params.get(k) is not None}
+        logger.info(
+            "Binning adata for this model's panel (%d genes)%s",
+            len(model.genes),
+            " (the existing bins were made for another panel)" if info else "",
+        )
+        bin(adata, panel=model, n_bins=model.n_bins, **kwargs)
+    return TokenMatrix(adata.layers[LAYER], adata.var[PANEL_INDEX].to_numpy(), len(model.genes))
