@@ -39,14 +39,41 @@ def cache(tmp_path):
     scbert.settings.cachedir = old
 
 
-def test_registry_has_the_three_assets_at_real_urls():
+def test_registry_has_the_assets_at_real_urls():
     reg = scbert.datasets.REGISTRY
     assert reg["scbert-panglao-genes"].sha256 == "d8934d4b178a4f40bf2675fcd61bf600c87aeaa52dfe488487edde644cba0841"
     assert reg["gene2vec-200"].git_sha1 == "809134889e79b99eba0d5b3f46cdb987367ecbc9"
     assert reg["scbert-panglao-weights"].git_sha1 == "7febf0283b13dd0605f10442e0586891605d3801"
+    for name in ("scbert-panglao-genes", "gene2vec-200", "scbert-panglao-weights"):
+        assert reg[name].url.startswith("https://raw.githubusercontent.com/")
+    hgnc = reg["hgnc-complete-set"]  # a dated HGNC release: no published checksum, pinned at first download
+    assert hgnc.url.startswith("https://ftp.ebi.ac.uk/pub/databases/genenames/hgnc/archive/") and hgnc.pin
     for asset in reg.values():
-        assert asset.url.startswith("https://raw.githubusercontent.com/")
-        assert asset.sha256 or asset.git_sha1
+        assert asset.sha256 or asset.git_sha1 or asset.pin
+
+
+def test_pinned_asset_is_checked_after_first_download(server, cache):
+    www, url = server
+    (www / "nomenclature.txt").write_bytes(b"hgnc_id\tsymbol\n")
+    asset = Asset(name="nom", url=f"{url}/nomenclature.txt", pin=True)
+    path = fetch(asset, progressbar=False)
+    assert (cache / "nom.sha256").read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert fetch(asset, progressbar=False) == path  # unchanged: accepted
+    path.write_bytes(b"hgnc_id\tsym")  # truncated in the cache
+    with pytest.raises(IntegrityError, match="pinned at its first download"):
+        fetch(asset, progressbar=False)
+    assert not path.exists() and not (cache / "nom.sha256").exists()
+
+
+def test_hgnc_table_that_is_not_one_is_refused_and_removed(server, cache, monkeypatch):
+    www, url = server
+    (www / "hgnc.txt").write_text("<html>Service unavailable</html>\n")
+    monkeypatch.setitem(
+        scbert.datasets.REGISTRY, "hgnc-complete-set", Asset(name="hgnc-complete-set", url=f"{url}/hgnc.txt", pin=True)
+    )
+    with pytest.raises(ValueError, match="not an HGNC complete-set table"):
+        scbert.datasets.hgnc_table()
+    assert not (cache / "hgnc-complete-set").exists()
 
 
 def test_unverified_assets_are_not_allowed():

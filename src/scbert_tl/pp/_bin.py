@@ -183,23 +183,30 @@ def _linear(chunk: sp.csr_matrix, kind: InputKind, where: str) -> sp.csr_matrix:
 
 
 def _tokens(
-    lin: sp.csr_matrix, target: np.ndarray, primary: np.ndarray, n_bins: int
+    lin: sp.csr_matrix, target: np.ndarray, primary: np.ndarray, n_bins: int, *, sum_duplicates: bool
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Bins in the user's var space (columns of panel genes only) and each cell's panel total."""
     n_rows, n_cols = lin.shape
-    rows = _row_ids(lin)
-    keep = target[lin.indices] >= 0
-    r, c, v = rows[keep], primary[lin.indices[keep]], lin.data[keep]
-    totals = np.bincount(r, weights=v, minlength=n_rows)
-    if c.size and np.unique(r * np.int64(n_cols) + c).size != c.size:  # duplicated genes: sum first
-        summed = sp.csr_matrix((v, (r, c)), shape=(n_rows, n_cols))
-        summed.sum_duplicates()
-        r, c, v = _row_ids(summed), summed.indices, summed.data
+    if sum_duplicates:  # several user genes on one panel gene: add their values first
+        keep = target[lin.indices] >= 0
+        rows = _row_ids(lin)[keep]
+        lin = sp.csr_matrix((lin.data[keep], (rows, primary[lin.indices[keep]])), shape=(n_rows, n_cols))
+        lin.sum_duplicates()
+    v = np.where(target[lin.indices] >= 0, lin.data, 0.0)
+    # per-cell panel totals; exact for the integer (or recovered integer) counts this mostly sees
+    cumulative = np.concatenate(([0.0], np.cumsum(v)))
+    totals = cumulative[lin.indptr[1:]] - cumulative[lin.indptr[:-1]]
     with np.errstate(divide="ignore", invalid="ignore"):
-        x = v / totals[r] * TARGET_SUM
-    tok = np.minimum(np.floor(np.log2(1.0 + x)), n_bins)
-    nz = tok > 0
-    bins = sp.csr_matrix((tok[nz].astype(np.int8), (r[nz], c[nz])), shape=(n_rows, n_cols), dtype=np.int8)
+        x = v / np.repeat(totals, np.diff(lin.indptr)) * TARGET_SUM
+    tok = np.log2(1.0 + x, out=x)
+    np.floor(tok, out=tok)
+    np.minimum(tok, n_bins, out=tok)
+    nz = tok > 0  # NaN (cells with no panel counts) compares False
+    indptr = np.concatenate(([0], np.cumsum(nz)))[lin.indptr]
+    bins = sp.csr_matrix(
+        (tok[nz].astype(np.int8), primary[lin.indices[nz]].astype(np.int32), indptr.astype(np.int64)),
+        shape=(n_rows, n_cols),
+    )
     return bins, totals
 
 
@@ -247,7 +254,7 @@ def bin(
     n_bins: int = 5,
     aliases: str | os.PathLike | pd.DataFrame | None = "hgnc",
     min_genes: int | None = None,
-    chunk_size: int = 10_000,
+    chunk_size: int = 5_000,
     key_added: str = "scbert",
     copy: bool = False,
 ) -> AnnData | None:
@@ -375,7 +382,7 @@ def bin(
         raw.eliminate_zeros()
         _check_values(raw, f"{where} (cells {start}..{stop - 1})")
         lin = _linear(raw, kind, where)
-        bins, totals = _tokens(lin, target, primary, n_bins)
+        bins, totals = _tokens(lin, target, primary, n_bins, sum_duplicates=alignment.duplicates > 0)
         chunks.append(bins)
         n_genes_expr.append(np.diff(raw.indptr))
         panel_total += totals.sum()
