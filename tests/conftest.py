@@ -61,3 +61,13 @@ def pbmc3k(pbmc3k_path):
     import anndata as ad
 
     return ad.read_h5ad(pbmc3k_path)
+
+
+@pytest.fixture(autouse=True)
+def _restore_settings():
+    """Tests (and the shell command they call) may change settings; each test starts from the same ones."""
+    import scbert_tl as scbert
+
+    saved = (scbert.settings.verbosity, scbert.settings.device, scbert.settings.batch_size)
+    yield
+    scbert.settings.verbosity, scbert.settings.device, scbert.settings.batch_size = saved

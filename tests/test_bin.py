@@ -13,10 +13,11 @@ import scbert_tl as scbert
 from scbert_tl.pp._bin import detect_kind, tokens_for
 
 
-def _definition(counts: np.ndarray, n_bins: int = 5) -> np.ndarray:
-    """Tokens straight from the definition: normalise each cell to 1e4 over the given genes, log2(1 + x), floor, cap."""
+def _definition(counts: np.ndarray, n_bins: int = 5, total: np.ndarray | None = None) -> np.ndarray:
+    """Tokens straight from the definition: normalise each cell to 1e4 (over the given genes, or by ``total``),
+    log2(1 + x), floor, cap."""
     counts = np.asarray(counts, dtype=np.float64)
-    total = counts.sum(axis=1, keepdims=True)
+    total = counts.sum(axis=1, keepdims=True) if total is None else np.asarray(total, dtype=np.float64).reshape(-1, 1)
     x = np.divide(counts, total, out=np.zeros_like(counts), where=total > 0) * 1e4
     return np.minimum(np.floor(np.log2(1 + x)), n_bins).astype(np.int8)
 
@@ -47,9 +48,19 @@ def test_pbmc3k_counts_match_the_definition(pbmc3k, panel):
     np.testing.assert_array_equal(got, _definition(dense))
     assert sp.isspmatrix_csr(pbmc3k.layers["scbert_bins"]) and pbmc3k.layers["scbert_bins"].dtype == np.int8
     np.testing.assert_array_equal(np.sort(pbmc3k.var["scbert_panel_index"].to_numpy()[cols]), np.sort(pos))
+    assert pbmc3k.uns["scbert"]["normalize"] == "panel"  # the published panel: the original preprocessing
     outside = np.setdiff1d(np.arange(pbmc3k.n_vars), cols)
     assert (pbmc3k.var["scbert_panel_index"].to_numpy()[outside] == -1).all()
     assert pbmc3k.layers["scbert_bins"][:, outside].nnz == 0
+
+
+def test_pbmc3k_library_normalisation_matches_the_definition(pbmc3k, panel):
+    scbert.pp.bin(pbmc3k, aliases=None, normalize="library")
+    cols, _ = _panel_columns(pbmc3k, panel)
+    library = np.asarray(pbmc3k.X[:400].sum(axis=1)).ravel()
+    expected = _definition(pbmc3k.X[:400][:, cols].toarray(), total=library)
+    np.testing.assert_array_equal(pbmc3k.layers["scbert_bins"][:400][:, cols].toarray(), expected)
+    assert pbmc3k.uns["scbert"]["params"]["bin"]["normalize"] == "library"
 
 
 def test_pbmc3k_coverage_figures(pbmc3k, panel):
@@ -62,7 +73,7 @@ def test_pbmc3k_coverage_figures(pbmc3k, panel):
     expected_fraction = pbmc3k.X[:, cols].sum() / pbmc3k.X.sum()
     assert cov["counts_fraction"] == pytest.approx(expected_fraction, rel=1e-9)
     assert pbmc3k.uns["scbert"]["input_kind"] == "counts"
-    assert pbmc3k.uns["scbert"]["params"]["n_bins"] == 5
+    assert pbmc3k.uns["scbert"]["params"]["bin"]["n_bins"] == 5
 
 
 @pytest.mark.parametrize("log", ["log1p", "log2"])
@@ -169,7 +180,8 @@ def test_exact_match_wins_and_duplicates_are_summed(rng):
     assert cov["duplicates_summed"] == 1 and cov["shadowed"] == 1
     X = adata.X.toarray().astype(np.float64)
     panel_counts = np.stack([X[:, 0], X[:, 1], X[:, 3] + X[:, 4]], axis=1)
-    np.testing.assert_array_equal(adata.layers["scbert_bins"][:, [0, 1, 3]].toarray(), _definition(panel_counts))
+    expected = _definition(panel_counts, total=X.sum(axis=1))  # a gene list: normalised by library size
+    np.testing.assert_array_equal(adata.layers["scbert_bins"][:, [0, 1, 3]].toarray(), expected)
 
 
 def test_low_coverage_warns(rng, caplog):
@@ -185,6 +197,9 @@ def test_panel_from_a_model(rng):
     assert adata.uns["scbert"]["panel_size"] == len(PANEL)
     dense = tokens.tokens(np.arange(adata.n_obs)).numpy()
     np.testing.assert_array_equal(dense, _definition(adata.X.toarray()[:, ::-1]))
+    model.normalization = "panel"  # another normalisation: binned again
+    tokens_for(adata, model)
+    assert adata.uns["scbert"]["normalize"] == "panel"
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+Normalization = Literal["library", "panel"]
 PRETRAINED = {"scbert-panglao": ("scbert-panglao-weights", "scbert-panglao")}
 
 
@@ -49,6 +50,10 @@ class ScBERT:
         Class names of the classifier head, in output order (``None`` without a classifier).
     panel
         Registry name of the panel, when it is a registered one (e.g. ``"scbert-panglao"``).
+    normalization
+        What a cell's expression is normalised by before binning: ``"library"`` (its total counts
+        over all measured genes) or ``"panel"`` (its total over the panel genes, the preprocessing of
+        the original scBERT and of its published weights). See :func:`scbert_tl.pp.bin`.
     provenance
         Where the weights come from and how they were trained (saved with the model).
     history
@@ -62,6 +67,7 @@ class ScBERT:
         *,
         classes: Sequence[str] | None = None,
         panel: str | None = None,
+        normalization: Normalization = "library",
         provenance: dict[str, Any] | None = None,
         history: list[dict[str, Any]] | None = None,
     ) -> None:
@@ -88,7 +94,10 @@ class ScBERT:
         self.network = network
         self.genes = genes
         self.classes = classes
+        if normalization not in ("library", "panel"):
+            raise ValueError(f"normalization must be 'library' or 'panel', got {normalization!r}.")
         self.panel = panel
+        self.normalization = normalization
         self.provenance = dict(provenance or {})
         self.history = list(history or [])
 
@@ -252,7 +261,8 @@ class ScBERT:
         load_into(network, own)
         network.to(map_location).eval()
         prov = {"source": str(path.name), "format": fmt}
-        return cls(network, genes, classes=classes, provenance=prov)
+        # the original scripts normalised each cell over the panel genes
+        return cls(network, genes, classes=classes, normalization="panel", provenance=prov)
 
     @classmethod
     def _load_own(cls, path: Path, *, map_location: str | torch.device) -> ScBERT:
@@ -281,6 +291,7 @@ class ScBERT:
             meta["genes"],
             classes=meta.get("classes"),
             panel=meta.get("panel"),
+            normalization=meta.get("normalization", "library"),
             provenance=meta.get("provenance"),
             history=meta.get("history"),
         )
@@ -312,6 +323,7 @@ class ScBERT:
             "scbert_tl_version": _version(),
             "config": self.config.to_dict(),
             "panel": self.panel,
+            "normalization": self.normalization,
             "genes": self.genes,
             "classes": self.classes,
             "provenance": self.provenance,

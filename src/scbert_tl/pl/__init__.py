@@ -1,3 +1,6 @@
 """Plotting: attention, confusion matrices, training history."""
 
-__all__: list[str] = []
+from ._confusion import confusion
+from ._history import history
+
+__all__ = ["confusion", "history"]

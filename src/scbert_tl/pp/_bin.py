@@ -39,20 +39,21 @@ def panel_checksum(genes: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(genes).encode()).hexdigest()[:16]
 
 
-def _resolve_panel(panel: str | Sequence[str] | ScBERT) -> tuple[list[str], str]:
+def _resolve_panel(panel: str | Sequence[str] | ScBERT) -> tuple[list[str], str, str]:
+    """Genes, name and default normalisation of a panel argument."""
     from .. import datasets
     from .._scbert import ScBERT
 
     if isinstance(panel, ScBERT):
-        return list(panel.genes), panel.panel or "model"
+        return list(panel.genes), panel.panel or "model", panel.normalization
     if isinstance(panel, str):
-        return datasets.panel_genes(panel), panel
+        return datasets.panel_genes(panel), panel, "panel"  # a published panel: the original preprocessing
     genes = [str(g) for g in panel]
     if not genes:
         raise ValueError("panel is an empty list of genes.")
     if len(set(genes)) != len(genes):
         raise ValueError("panel has duplicated gene symbols; each panel position needs its own gene.")
-    return genes, "custom"
+    return genes, "custom", "library"
 
 
 @functools.cache
@@ -182,22 +183,36 @@ def _linear(chunk: sp.csr_matrix, kind: InputKind, where: str) -> sp.csr_matrix:
     return lin
 
 
+def _row_sums(m: sp.csr_matrix, values: np.ndarray) -> np.ndarray:
+    cumulative = np.concatenate(([0.0], np.cumsum(values)))
+    return cumulative[m.indptr[1:]] - cumulative[m.indptr[:-1]]
+
+
 def _tokens(
-    lin: sp.csr_matrix, target: np.ndarray, primary: np.ndarray, n_bins: int, *, sum_duplicates: bool
+    lin: sp.csr_matrix,
+    target: np.ndarray,
+    primary: np.ndarray,
+    n_bins: int,
+    *,
+    sum_duplicates: bool,
+    library: bool,
 ) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Bins in the user's var space (columns of panel genes only) and each cell's panel total."""
+    """Bins in the user's var space (columns of panel genes only) and each cell's panel total.
+
+    Each cell is normalised by its total over all genes (``library``) or over the panel genes.
+    """
     n_rows, n_cols = lin.shape
+    library_size = _row_sums(lin, lin.data) if library else None
     if sum_duplicates:  # several user genes on one panel gene: add their values first
         keep = target[lin.indices] >= 0
         rows = _row_ids(lin)[keep]
         lin = sp.csr_matrix((lin.data[keep], (rows, primary[lin.indices[keep]])), shape=(n_rows, n_cols))
         lin.sum_duplicates()
     v = np.where(target[lin.indices] >= 0, lin.data, 0.0)
-    # per-cell panel totals; exact for the integer (or recovered integer) counts this mostly sees
-    cumulative = np.concatenate(([0.0], np.cumsum(v)))
-    totals = cumulative[lin.indptr[1:]] - cumulative[lin.indptr[:-1]]
+    # per-cell totals; exact for the integer (or recovered integer) counts this mostly sees
+    totals = _row_sums(lin, v)
     with np.errstate(divide="ignore", invalid="ignore"):
-        x = v / np.repeat(totals, np.diff(lin.indptr)) * TARGET_SUM
+        x = v / np.repeat(library_size if library else totals, np.diff(lin.indptr)) * TARGET_SUM
     tok = np.log2(1.0 + x, out=x)
     np.floor(tok, out=tok)
     np.minimum(tok, n_bins, out=tok)
@@ -252,6 +267,7 @@ def bin(
     layer: str | None = None,
     use_raw: bool = False,
     n_bins: int = 5,
+    normalize: Literal["auto", "library", "panel"] = "auto",
     aliases: str | os.PathLike | pd.DataFrame | None = "hgnc",
     min_genes: int | None = None,
     chunk_size: int = 5_000,
@@ -260,9 +276,9 @@ def bin(
 ) -> AnnData | None:
     """Align genes to a model panel and turn expression into scBERT's tokens.
 
-    For each cell, expression over the panel genes is normalised to 10,000 and tokenised as
-    ``min(floor(log2(1 + x)), n_bins)`` (the published scBERT preprocessing). Raw counts are used
-    as they are; log1p (natural log, scanpy's default) or log2 normalised values are converted back
+    Each cell's expression is normalised to 10,000 and tokenised as
+    ``min(floor(log2(1 + x)), n_bins)``, the published scBERT preprocessing. Raw counts are used as
+    they are; log1p (natural log, scanpy's default) or log2 normalised values are converted back
     exactly first. Which kind of input was found is logged and recorded.
 
     Genes are matched to the panel by exact symbol, then case-insensitively, then through previous
@@ -288,6 +304,13 @@ def bin(
         Read ``adata.raw.X`` (it must have the same genes as ``adata``).
     n_bins
         Expression bins (the published model: 5).
+    normalize
+        The total each cell is normalised by: ``"library"``, its counts over all its measured genes
+        (scanpy's ``total_counts``), or ``"panel"``, its counts over the panel genes (what the original
+        scBERT did: it subset the data to the panel, then normalised). ``"auto"``: the model's own
+        choice when ``panel`` is an :class:`~scbert_tl.ScBERT`, ``"panel"`` for a published panel
+        name, ``"library"`` for a list of genes. For a small panel ``"library"`` keeps the bins
+        informative; over a small panel, per-panel totals push every expressed gene to the top bin.
     aliases
         Nomenclature for previous/alias symbols and Ensembl IDs: ``"hgnc"`` (the HGNC table from the
         registry; offline, exact and case matching only, with a warning), a path to an HGNC-format
@@ -313,7 +336,8 @@ def bin(
     ``adata.obs[f"{key_added}_n_genes"]``, ``adata.obs[f"{key_added}_low_quality"]``
         Expressed genes per cell, and whether that is below 200 (or ``min_genes``).
     ``adata.uns[key_added]``
-        Panel, input kind, coverage, nomenclature source and the parameters.
+        Panel, input kind, coverage, nomenclature source, and the parameters under ``["params"]["bin"]``
+        (keys written there by other functions, such as :func:`~scbert_tl.tl.annotate`, are kept).
 
     Examples
     --------
@@ -330,7 +354,10 @@ def bin(
         raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     if copy:
         adata = adata.copy()
-    genes, panel_name = _resolve_panel(panel)
+    genes, panel_name, default_normalization = _resolve_panel(panel)
+    normalization = default_normalization if normalize == "auto" else normalize
+    if normalization not in ("library", "panel"):
+        raise ValueError(f"normalize must be 'auto', 'library' or 'panel', got {normalize!r}.")
     X, where = _source(adata, layer, use_raw)
     ids = _gene_ids(adata, gene_key)
 
@@ -360,7 +387,8 @@ def bin(
             "log2": "log2(1 + x) normalised data",
             "normalized": "normalised, not log-transformed data",
         }[kind],
-        "normalising to 1e4 per cell over the panel genes" if kind == "counts" else "undoing it exactly",
+        f"normalising each cell to 1e4 over {'all its genes' if normalization == 'library' else 'the panel genes'}"
+        + ("" if kind == "counts" else " after undoing it exactly"),
     )
 
     target = alignment.target
@@ -382,7 +410,9 @@ def bin(
         raw.eliminate_zeros()
         _check_values(raw, f"{where} (cells {start}..{stop - 1})")
         lin = _linear(raw, kind, where)
-        bins, totals = _tokens(lin, target, primary, n_bins, sum_duplicates=alignment.duplicates > 0)
+        bins, totals = _tokens(
+            lin, target, primary, n_bins, sum_duplicates=alignment.duplicates > 0, library=normalization == "library"
+        )
         chunks.append(bins)
         n_genes_expr.append(np.diff(raw.indptr))
         panel_total += totals.sum()
@@ -439,25 +469,35 @@ def bin(
     adata.var[PANEL_INDEX] = alignment.panel_index
     adata.obs[f"{key_added}_n_genes"] = n_expr
     adata.obs[f"{key_added}_low_quality"] = n_expr < qc_threshold
-    adata.uns[key_added] = {
-        "panel": panel_name,
-        "panel_size": len(genes),
-        "panel_checksum": panel_checksum(genes),
-        "n_bins": n_bins,
-        "input": where,
-        "input_kind": kind,
-        "coverage": coverage,
-        "nomenclature": nom_source,
-        "params": {
+    record = dict(adata.uns.get(key_added, {}))  # other functions' keys (e.g. tl.annotate's) are kept
+    record.update(
+        {
+            "panel": panel_name,
+            "panel_size": len(genes),
+            "panel_checksum": panel_checksum(genes),
+            "var_checksum": panel_checksum(list(map(str, adata.var_names))),
+            "n_bins": n_bins,
+            "normalize": normalization,
+            "input": where,
+            "input_kind": kind,
+            "coverage": coverage,
+            "nomenclature": nom_source,
+        }
+    )
+    record["params"] = {
+        **dict(record.get("params", {})),
+        "bin": {
             "panel": panel_name,
             "gene_key": gene_key,
             "layer": layer,
             "use_raw": use_raw,
             "n_bins": n_bins,
+            "normalize": normalization,
             "min_genes": min_genes,
             "aliases": aliases if isinstance(aliases, str) or aliases is None else "table",
         },
     }
+    adata.uns[key_added] = record
     n_low = int((n_expr < qc_threshold).sum())
     if min_genes is not None and n_low:
         logger.info("pp.bin: removing %d cells with fewer than %d expressed genes", n_low, min_genes)
@@ -473,28 +513,79 @@ def bin(
     return adata if copy else None
 
 
-def tokens_for(adata: AnnData, model: ScBERT) -> TokenMatrix:
-    """The model's tokens for ``adata``, running :func:`bin` first when the bins are missing or for another panel.
+def input_params(adata: AnnData, **given: Any) -> dict[str, Any]:
+    """Input choices (``gene_key``, ``layer``, ``use_raw``): those given (not None), else those of the last :func:`bin`."""
+    info = adata.uns.get("scbert")
+    recorded = info.get("params", {}).get("bin", {}) if isinstance(info, dict) else {}
+    params = {k: recorded[k] for k in ("gene_key", "layer", "use_raw") if recorded.get(k) is not None}
+    params.update({k: v for k, v in given.items() if v is not None})
+    return params
 
-    A re-run reuses the input choices (``layer``, ``use_raw``, ``gene_key``) of the last :func:`bin`.
+
+def tokens_for(
+    adata: AnnData,
+    model: ScBERT,
+    *,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+) -> TokenMatrix:
+    """The model's tokens for ``adata``, binning it first when needed.
+
+    :func:`bin` runs when the bins are missing, were made for another panel, for other genes (the
+    data was subset or reordered since), or from other input than asked for. Input choices not given are those of the last :func:`bin`.
     """
     from ..train import TokenMatrix
 
     info = adata.uns.get("scbert")
+    params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
+    recorded = info.get("params", {}).get("bin", {}) if isinstance(info, dict) else {}
     current = (
         LAYER in adata.layers
         and PANEL_INDEX in adata.var
         and isinstance(info, dict)
         and info.get("panel_checksum") == panel_checksum(model.genes)
         and int(info.get("n_bins", -1)) == model.n_bins
+        and info.get("normalize") == model.normalization
+        and info.get("var_checksum") == panel_checksum(list(map(str, adata.var_names)))  # genes not subset since
+        and all(recorded.get(k) == v for k, v in params.items())
     )
     if not current:
-        params = dict(info.get("params", {})) if isinstance(info, dict) else {}
-        kwargs = {k: params[k] for k in ("gene_key", "layer", "use_raw") if params.get(k) is not None}
         logger.info(
             "Binning adata for this model's panel (%d genes)%s",
             len(model.genes),
-            " (the existing bins were made for another panel)" if info else "",
+            " (the existing bins were made for another panel or input)" if LAYER in adata.layers else "",
         )
-        bin(adata, panel=model, n_bins=model.n_bins, **kwargs)
+        bin(adata, panel=model, n_bins=model.n_bins, normalize=model.normalization, **params)
     return TokenMatrix(adata.layers[LAYER], adata.var[PANEL_INDEX].to_numpy(), len(model.genes))
+
+
+def expression(
+    adata: AnnData,
+    *,
+    gene_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    max_cells: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> sp.csr_matrix:
+    """Values proportional to each cell's counts (log-normalised input undone), as float32 CSR.
+
+    Used where scanpy's own preprocessing is wanted on the same input :func:`bin` reads (e.g. ranking
+    highly variable genes). At most ``max_cells`` cells, drawn by ``rng``, in their original order.
+    """
+    X, where = _source(adata, layer, use_raw)
+    rows = np.arange(adata.n_obs)
+    if max_cells is not None and adata.n_obs > max_cells:
+        rng = rng if rng is not None else np.random.default_rng(0)
+        rows = np.sort(rng.choice(adata.n_obs, size=max_cells, replace=False))
+    kind = detect_kind(_rows(X, 0, min(adata.n_obs, 2000)), where)
+    parts = []
+    for start in range(0, rows.size, 5_000):
+        idx = rows[start : start + 5_000]
+        chunk = X[idx]
+        chunk = sp.csr_matrix(chunk.to_memory() if hasattr(chunk, "to_memory") else chunk, dtype=np.float64)
+        chunk.eliminate_zeros()
+        _check_values(chunk, where)
+        parts.append(_linear(chunk, kind, where).astype(np.float32))
+    return sp.vstack(parts, format="csr")

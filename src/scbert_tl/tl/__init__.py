@@ -1,3 +1,8 @@
 """Tools: pretrain, fine-tune, annotate, embed, explain."""
 
-__all__: list[str] = []
+from ._annotate import annotate
+from ._embed import embed
+from ._evaluate import cross_validate
+from ._finetune import finetune
+
+__all__ = ["annotate", "cross_validate", "embed", "finetune"]

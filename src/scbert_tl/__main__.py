@@ -1,0 +1,7 @@
+"""``python -m scbert_tl`` (e.g. under ``torchrun``) runs the ``scbert`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""The ``scbert`` shell command: demo, finetune, annotate, pretrain."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("scbert_tl")
+
+
+def _input_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("input (see scbert.pp.bin)")
+    group.add_argument("--layer", help="read this layer instead of X")
+    group.add_argument("--use-raw", action="store_true", default=None, help="read adata.raw.X")
+    group.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs (default: var_names)")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
+    _verbosity(parser)
+
+
+def _verbosity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bars")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="scbert",
+        description="scBERT cell type annotation on AnnData (.h5ad) files.",
+    )
+    parser.add_argument("--version", action="version", version=f"scbert-tl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="fine-tune a compact model on scanpy's pbmc68k_reduced and annotate held-out cells",
+        description="Fine-tune a compact scBERT on 80%% of scanpy's bundled pbmc68k_reduced, annotate the other "
+        "20%%, compare with L1 logistic regression, and write an h5ad and a figure.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("scbert_demo"), help="output folder (default: scbert_demo)")
+    demo.add_argument("--epochs", type=int, default=15, help="maximum fine-tuning epochs (default: 15)")
+    demo.add_argument("--seed", type=int, default=0)
+    _common(demo)
+
+    ft = sub.add_parser(
+        "finetune",
+        help="train a cell type classifier on a labelled .h5ad",
+        description="Train a cell type classifier on labelled cells and save the model directory.",
+    )
+    ft.add_argument("input", type=Path, metavar="IN.h5ad")
+    ft.add_argument("--label-key", required=True, help="obs column with the cell types")
+    ft.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="where to save the model")
+    ft.add_argument(
+        "--model",
+        default="compact",
+        help="'compact' (new CPU-sized model, default), 'scbert-panglao' (published weights) or a saved model",
+    )
+    ft.add_argument("--validation", type=float, default=0.1, help="held-out fraction for model selection")
+    ft.add_argument("--epochs", type=int, default=20)
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--lr", type=float)
+    ft.add_argument("--trainable", choices=["all", "original", "head"])
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
+    _input_options(ft)
+    _common(ft)
+
+    an = sub.add_parser(
+        "annotate",
+        help="predict cell types of a .h5ad with a fine-tuned model",
+        description="Predict cell types (and optionally a cell embedding) and write the annotated .h5ad.",
+    )
+    an.add_argument("input", type=Path, metavar="IN.h5ad")
+    an.add_argument("--model", required=True, help="a saved model directory")
+    an.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
+    an.add_argument("--unknown-threshold", type=float, default=0.5, help="confidence below which cells are 'unknown'")
+    an.add_argument("--key-added", default="scbert")
+    an.add_argument("--embed", action="store_true", help="also write obsm['X_scbert']")
+    an.add_argument("--batch-size", type=int)
+    an.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    _input_options(an)
+    _common(an)
+
+    try:
+        from .tl._pretrain import add_pretrain_parser
+    except ImportError:  # pretraining not available in this build
+        pass
+    else:
+        _verbosity(add_pretrain_parser(sub))
+    return parser
+
+
+def _setup(args: argparse.Namespace) -> None:
+    from . import settings
+
+    settings.verbosity = 3 if args.verbose else 0 if args.quiet else 2
+    if not logging.getLogger().handlers and not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    if getattr(args, "device", None):
+        settings.device = args.device
+
+
+def _read(path: Path):
+    import anndata as ad
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    return ad.read_h5ad(path)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from . import tl
+
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it.")
+    adata = _read(args.input)
+    model = tl.finetune(
+        adata,
+        args.label_key,
+        model=args.model,
+        validation=args.validation,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        trainable=args.trainable,
+        rng=args.seed,
+        gene_key=args.gene_key,
+        layer=args.layer,
+        use_raw=args.use_raw,
+    )
+    model.save(args.out, overwrite=args.overwrite)
+    v = model.provenance["validation"]
+    print(
+        f"Saved {model!r} to {args.out} (selected epoch {model.provenance['selected_epoch']}: validation "
+        f"accuracy {v.get('accuracy', float('nan')):.3f}, macro F1 {v.get('macro_f1', float('nan')):.3f})"
+    )
+    return 0
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    from . import ScBERT, tl
+
+    if args.out.exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
+    model = ScBERT.load(args.model)
+    adata = _read(args.input)
+    kwargs = {"gene_key": args.gene_key, "layer": args.layer, "use_raw": args.use_raw, "batch_size": args.batch_size}
+    tl.annotate(adata, model, unknown_threshold=args.unknown_threshold, key_added=args.key_added, **kwargs)
+    if args.embed:
+        tl.embed(adata, model, **kwargs)
+    adata.write_h5ad(args.out)
+    counts = adata.obs[args.key_added].value_counts()
+    print(f"Annotated {adata.n_obs} cells -> {args.out}")
+    print(counts.to_string())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scbert`` command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup(args)
+    handlers = {"demo": _demo, "finetune": _finetune, "annotate": _annotate}
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        from .tl._pretrain import run_pretrain_command
+
+        return run_pretrain_command(args)
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"scbert {args.command}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("scbert: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

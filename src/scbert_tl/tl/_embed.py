@@ -1,0 +1,106 @@
+"""``scbert.tl.embed``: a cell embedding for neighbours, UMAP and clustering."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from ..pp._bin import tokens_for
+from ..train import run_batches
+from ._resolve import model_for_inference
+
+if TYPE_CHECKING:
+    import os
+
+    import torch
+    from anndata import AnnData
+
+    from .._scbert import ScBERT
+    from ..model import ScBERTNetwork
+
+logger = logging.getLogger(__name__)
+
+
+def _mean_encoding(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
+    return network.encode(x)[:, :-1].float().mean(dim=1)  # the panel genes, not the appended position
+
+
+def _classifier_hidden(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
+    head = network.classifier  # its forward pass up to the last hidden layer (dropout is off in eval)
+    h = head.act(head.reduce(network.encode(x)).squeeze(-1))
+    return head.act(head.fc2(head.act(head.fc1(h)))).float()
+
+
+def embed(
+    adata: AnnData,
+    model: str | os.PathLike | ScBERT,
+    *,
+    representation: Literal["genes", "classifier"] = "genes",
+    key_added: str = "X_scbert",
+    gene_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Embed each cell: the mean of its final-layer gene vectors, or the classifier's last hidden layer.
+
+    The result can be used like a PCA: ``sc.pp.neighbors(adata, use_rep="X_scbert")``, then
+    :func:`scanpy.tl.umap` or :func:`scanpy.tl.leiden`. The mean gene vector is the embedding of the
+    scBERT paper and is available for any model. A fine-tuned model's classifier never trains that
+    mean directly, so it often separates cell types less well than the classifier's own last hidden
+    layer (``representation="classifier"``), which is shaped by the training labels.
+
+    Parameters
+    ----------
+    adata
+        Cells (raw counts or log-normalised; binned for the model's panel when needed).
+    model
+        A pretrained or fine-tuned :class:`~scbert_tl.ScBERT`, a registry name, or a saved model's path.
+    representation
+        ``"genes"``: mean of the final-layer vectors of the panel genes (width of the model);
+        ``"classifier"``: the classifier head's last hidden layer (fine-tuned models only).
+    key_added
+        Key in ``adata.obsm``.
+    batch_size
+        Cells per forward pass (default: the setting).
+    gene_key, layer, use_raw
+        Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
+        (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
+    device
+        Compute device (default: the setting).
+    precision
+        Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    copy
+        Return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the copy with ``copy=True``. Writes ``adata.obsm[key_added]`` (cells x model width,
+    float32) and ``adata.uns[key_added]`` (the parameters).
+    """
+    if copy:
+        adata = adata.copy()
+    m = model_for_inference(model, adata)
+    if representation not in ("genes", "classifier"):
+        raise ValueError(f"representation must be 'genes' or 'classifier', got {representation!r}.")
+    if representation == "classifier" and m.network.classifier is None:
+        raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
+    fn = _mean_encoding if representation == "genes" else _classifier_hidden
+    tokens = tokens_for(adata, m, gene_key=gene_key, layer=layer, use_raw=use_raw)
+    (emb,) = run_batches(m.network, tokens, fn, batch_size=batch_size, device=device, precision=precision, desc="embed")
+    if key_added in adata.obsm:
+        logger.info("embed: replacing adata.obsm[%r]", key_added)
+    adata.obsm[key_added] = emb.astype(np.float32)
+    adata.uns[key_added] = {
+        "params": {
+            "model": str(m.provenance.get("source", "")),
+            "representation": representation,
+            "dim": int(emb.shape[1]),
+        }
+    }
+    return adata if copy else None

@@ -1,0 +1,237 @@
+"""``scbert.tl.finetune``: train a cell type classifier on labelled cells."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .._settings import settings
+from ..pp._bin import input_params, tokens_for
+from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
+from ._resolve import resolve_model
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from .._scbert import ScBERT
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN = "unknown"
+
+
+def _labels(adata: AnnData, label_key: str) -> tuple[np.ndarray, list[str]]:
+    if label_key not in adata.obs:
+        raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")
+    col = adata.obs[label_key]
+    missing = col.isna().to_numpy()
+    if missing.any():
+        raise ValueError(
+            f"{int(missing.sum())} cells have no label in adata.obs[{label_key!r}]; drop them first "
+            f"(adata = adata[adata.obs[{label_key!r}].notna()].copy()) or give them a label."
+        )
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        present = set(col.astype(str))
+        classes = [str(c) for c in col.cat.categories if str(c) in present]
+    else:
+        classes = sorted(set(col.astype(str)))
+    if UNKNOWN in classes:
+        raise ValueError(f"The label {UNKNOWN!r} is reserved for cells of no known type; rename that class.")
+    if len(classes) < 2:
+        raise ValueError(
+            f"adata.obs[{label_key!r}] has {len(classes)} class ({classes}); a classifier needs at least two."
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    return col.astype(str).map(index).to_numpy(dtype=np.int64), classes
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Train and validation rows, each class split in proportion (classes of one cell stay in training)."""
+    val = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(round(fraction * rows.size))
+        n_val = min(max(n_val, 1), rows.size - 1) if rows.size >= 2 else 0
+        val.append(rows[:n_val])
+    val_rows = np.sort(np.concatenate(val))
+    train_rows = np.setdiff1d(np.arange(labels.size), val_rows)
+    return train_rows, val_rows
+
+
+def _validation_rows(
+    adata: AnnData, labels: np.ndarray, validation: float | str | Sequence, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(validation, float | int) and not isinstance(validation, bool):
+        if not 0 <= validation < 1:
+            raise ValueError(f"validation must be a fraction in [0, 1), got {validation}.")
+        if validation == 0:
+            return np.arange(labels.size), np.array([], dtype=np.int64)
+        return stratified_split(labels, float(validation), rng)
+    if isinstance(validation, str):
+        if validation not in adata.obs:
+            raise KeyError(f"validation={validation!r} is not a column of adata.obs.")
+        mask = adata.obs[validation].to_numpy()
+        if mask.dtype != bool:
+            raise ValueError(f"adata.obs[{validation!r}] must be boolean (True = validation cell).")
+    else:
+        idx = pd.Index(adata.obs_names).get_indexer(pd.Index(validation))
+        if (idx < 0).any():
+            raise ValueError("validation lists cells that are not in adata.obs_names.")
+        mask = np.zeros(adata.n_obs, dtype=bool)
+        mask[idx] = True
+    if mask.all() or not mask.any():
+        raise ValueError("The validation cells must be a non-empty, proper subset of the cells.")
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def finetune(
+    adata: AnnData,
+    label_key: str,
+    *,
+    model: str | os.PathLike | ScBERT = "scbert-panglao",
+    validation: float | str | Sequence[str] = 0.1,
+    epochs: int = 20,
+    batch_size: int = 32,
+    lr: float | None = None,
+    weight_decay: float = 0.01,
+    accumulate: int = 1,
+    patience: int = 5,
+    class_weight: Literal["balanced"] | None = "balanced",
+    trainable: Literal["all", "original", "head"] | None = None,
+    select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
+    gene_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    rng: int = 0,
+    split_key: str | None = "scbert_split",
+) -> ScBERT:
+    """Train a cell type classifier on labelled cells.
+
+    A stratified share of the cells (``validation``) is held out; the epoch with the best validation
+    score is kept and training stops early when it no longer improves. These validation cells are
+    used for model selection only: measure accuracy on cells the model never saw (e.g. with
+    :func:`scbert_tl.tl.annotate` on a separate query).
+
+    Parameters
+    ----------
+    adata
+        Labelled cells. Binned for the model's panel first if needed (:func:`scbert_tl.pp.bin`).
+    label_key
+        Column of ``adata.obs`` with the cell types.
+    model
+        Where to start: ``"scbert-panglao"`` (the published pretrained weights, full configuration),
+        ``"compact"`` (a new CPU-sized model over at most 2,000 highly variable panel genes of
+        ``adata``, trained from scratch), an :class:`~scbert_tl.ScBERT` (copied, not changed), or
+        the path of a saved model.
+    validation
+        Fraction of cells held out (stratified by label), a boolean ``adata.obs`` column (True =
+        validation), or a list of obs names.
+    epochs
+        Maximum passes over the training cells.
+    batch_size
+        Cells per forward pass.
+    lr
+        Peak learning rate (AdamW, linear warm-up, cosine decay). Default 1e-3 for a new model,
+        1e-4 when starting from trained weights.
+    weight_decay
+        AdamW weight decay.
+    accumulate
+        Micro-batches per optimiser step (the update equals one batch of ``batch_size * accumulate``).
+    patience
+        Epochs without validation improvement before stopping.
+    class_weight
+        ``"balanced"`` weights the loss by inverse class frequency (for imbalanced data); ``None`` does not.
+    trainable
+        ``"all"`` (every weight but a fixed gene2vec embedding), ``"original"`` (the published scheme:
+        the classifier head, the final norm and the second-to-last block) or ``"head"``. Default:
+        ``"all"`` for a new model, ``"original"`` for the published weights.
+    select_on
+        Validation metric that selects the epoch.
+    gene_key, layer, use_raw
+        Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
+        (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
+    device
+        ``"cpu"``, ``"cuda"``, ... (default: :attr:`scbert.settings.device <scbert_tl._settings.ScBERTSettings.device>`).
+    precision
+        ``"float32"``, ``"bfloat16"``, ... (default: bf16 autocast on CUDA, float32 on CPU).
+    rng
+        Seed for the split, the shuffling, dropout and new weights; CPU runs are deterministic.
+    split_key
+        Column of ``adata.obs`` to record which cells were used for training and validation
+        (``None``: do not write it).
+
+    Returns
+    -------
+    The fine-tuned model (its ``history`` holds the per-epoch metrics). Writes
+    ``adata.obs[split_key]`` (``"train"`` / ``"validation"``), and the bins of
+    :func:`scbert_tl.pp.bin` when they were missing.
+    """
+    labels, classes = _labels(adata, label_key)
+    net_rng = np.random.default_rng(rng)
+    train_rows, val_rows = _validation_rows(adata, labels, validation, net_rng)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng)
+        params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
+        m = resolve_model(model, adata, seed=rng, params=params)
+        new_model = m.provenance.get("source") in ("compact", "new")
+        if trainable is None:
+            trainable = "all" if new_model else "original"
+        if lr is None:
+            lr = 1e-3 if new_model else 1e-4
+        options = FinetuneOptions(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            accumulate=accumulate,
+            patience=patience,
+            class_weight=class_weight,
+            trainable=trainable,
+            select_on=select_on,
+            seed=rng,
+        )
+        tokens = tokens_for(adata, m, **params)
+        if m.classes != classes:  # a new head, unless the model already classifies exactly these types
+            m.network.add_classifier(len(classes))
+            m.classes = classes
+        dev = settings.resolve_device(device)
+        dtype = settings.resolve_dtype(dev, precision)
+        history = fit_classifier(m.network, tokens, labels, train_rows, val_rows, options, device=dev, dtype=dtype)
+    m.history = history
+    selected = next((h for h in history if h["selected"]), history[-1])
+    m.provenance.update(
+        {
+            "finetuned": datetime.now(UTC).isoformat(timespec="seconds"),
+            "label_key": label_key,
+            "n_train": int(train_rows.size),
+            "n_validation": int(val_rows.size),
+            "options": options_dict(options),
+            "selected_epoch": int(selected["epoch"]),
+            "validation": {k[4:]: v for k, v in selected.items() if k.startswith("val_")},
+            "device": str(dev),
+            "precision": str(dtype).replace("torch.", ""),
+        }
+    )
+    if split_key is not None:
+        if split_key in adata.obs:
+            logger.info("finetune: replacing adata.obs[%r]", split_key)
+        split = np.full(adata.n_obs, "train", dtype=object)
+        split[val_rows] = "validation"
+        adata.obs[split_key] = pd.Categorical(split, categories=["train", "validation"])
+    logger.info(
+        "finetune: selected epoch %d, validation accuracy %.3f, macro F1 %.3f (model selection only, not a test score)",
+        selected["epoch"],
+        selected.get("val_accuracy", float("nan")),
+        selected.get("val_macro_f1", float("nan")),
+    )
+    return m

@@ -1,0 +1,120 @@
+"""What the ``model`` argument of the tools may be: a registry name, ``"compact"``, an ScBERT, or a path."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._scbert import PRETRAINED, ScBERT
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+#: The compact configuration: a CPU-sized scBERT trained from scratch (``model="compact"``).
+COMPACT = {
+    "dim": 64,
+    "depth": 2,
+    "heads": 4,
+    "dim_head": 16,
+    "ff_mult": 4,
+    "classifier_hidden": (256, 64),
+    "classifier_dropout": 0.1,
+}
+COMPACT_GENES = 2000
+
+
+def compact_genes(
+    adata: AnnData,
+    *,
+    n_genes: int = COMPACT_GENES,
+    panel: str = "scbert-panglao",
+    seed: int = 0,
+    params: dict[str, Any] | None = None,
+) -> list[str]:
+    """The genes of a compact model for ``adata``: at most ``n_genes`` highly variable ones, in panel order.
+
+    Genes are those of ``adata`` that are in the scBERT panel (by symbol, case or nomenclature, as
+    :func:`scbert_tl.pp.bin` aligns them; the panel's own symbols are used), ranked by
+    :func:`scanpy.pp.highly_variable_genes` (``flavor="seurat"`` on normalised, log1p expression).
+    When the panel cannot be had (offline, nothing cached), ``adata``'s own genes are used.
+    ``params`` are the input choices of :func:`scbert_tl.pp.bin` (``gene_key``, ``layer``, ``use_raw``).
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    from .. import datasets
+    from ..pp._bin import _gene_ids, _nomenclature, expression
+    from ..pp._genes import align_genes
+
+    params = params or {}
+    ids = _gene_ids(adata, params.get("gene_key"))
+    try:
+        panel_genes = datasets.panel_genes(panel)
+    except OSError as e:
+        logger.warning(
+            "The scBERT gene panel could not be fetched (%s); the compact model uses your data's own genes.",
+            type(e).__name__,
+        )
+        keep = np.flatnonzero(~ids.duplicated())
+        names = [str(ids[j]) for j in keep]
+        order = np.arange(len(names))
+    else:
+        table, _ = _nomenclature("hgnc")
+        alignment = align_genes(ids, panel_genes, nomenclature=table)
+        keep = np.flatnonzero(alignment.panel_index >= 0)
+        names = [panel_genes[i] for i in alignment.panel_index[keep]]
+        order = alignment.panel_index[keep]
+        if keep.size == 0:
+            raise ValueError("None of adata's genes is in the scBERT panel; pass a model trained on your genes.")
+    if keep.size > n_genes:
+        lin = expression(adata, max_cells=50_000, rng=np.random.default_rng(seed), **params)[:, keep]
+        tmp = ad.AnnData(lin)
+        sc.pp.normalize_total(tmp, target_sum=1e4)
+        sc.pp.log1p(tmp)
+        hvg = sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_genes, inplace=False)
+        chosen = np.flatnonzero(hvg["highly_variable"].to_numpy())
+    else:
+        chosen = np.arange(keep.size)
+    chosen = chosen[np.argsort(order[chosen], kind="stable")]
+    logger.info("Compact model over %d genes (of %d candidates), highly variable first", chosen.size, keep.size)
+    return [names[i] for i in chosen]
+
+
+def resolve_model(
+    model: str | os.PathLike | ScBERT, adata: AnnData, *, seed: int = 0, params: dict[str, Any] | None = None
+) -> ScBERT:
+    """Turn the ``model`` argument of a tool into an :class:`~scbert_tl.ScBERT` the tool may change.
+
+    An :class:`~scbert_tl.ScBERT` is copied, so the caller's object is left as it was.
+    """
+    if isinstance(model, ScBERT):
+        return copy.deepcopy(model)
+    if isinstance(model, str) and model == "compact":
+        genes = compact_genes(adata, seed=seed, params=params)
+        m = ScBERT.new(genes, seed=seed, lm_head=True, gene_emb_trainable=True, **COMPACT)
+        m.provenance["source"] = "compact"
+        return m
+    if isinstance(model, str) and model in PRETRAINED:
+        return ScBERT.from_pretrained(model)
+    if isinstance(model, str | os.PathLike) and Path(model).expanduser().exists():
+        return ScBERT.load(model)
+    raise ValueError(
+        f"model={model!r} is not a model: pass 'compact' (a new CPU-sized model), a registry name "
+        f"({', '.join(sorted(PRETRAINED))}), an ScBERT, or the path of a saved model."
+    )
+
+
+def model_for_inference(model: str | os.PathLike | ScBERT, adata: AnnData) -> ScBERT:
+    """The model for a tool that only reads it: an :class:`~scbert_tl.ScBERT` is used as it is."""
+    if isinstance(model, ScBERT):
+        return model
+    if isinstance(model, str) and model == "compact":
+        raise ValueError("model='compact' is an untrained architecture; pass a fine-tuned or pretrained model.")
+    return resolve_model(model, adata)

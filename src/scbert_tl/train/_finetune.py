@@ -1,0 +1,250 @@
+"""Supervised fine-tuning of the classifier: no AnnData here; :func:`scbert_tl.tl.finetune` feeds it."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._settings import settings
+from ._data import batch_indices
+from ._inference import autocast, run_batches
+
+if TYPE_CHECKING:
+    from ..model import ScBERTNetwork
+    from ._data import TokenMatrix
+
+logger = logging.getLogger(__name__)
+
+Trainable = Literal["all", "original", "head"]
+
+
+@dataclass
+class FinetuneOptions:
+    """Hyper-parameters of :func:`fit_classifier` (see :func:`scbert_tl.tl.finetune` for their meaning)."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.05
+    accumulate: int = 1
+    patience: int = 5
+    class_weight: str | None = "balanced"
+    trainable: Trainable = "all"
+    select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "accumulate", "patience"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.trainable not in ("all", "original", "head"):
+            raise ValueError(f"trainable must be 'all', 'original' or 'head', got {self.trainable!r}.")
+        if self.class_weight not in (None, "balanced"):
+            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
+        if self.select_on not in ("macro_f1", "accuracy", "loss"):
+            raise ValueError(f"select_on must be 'macro_f1', 'accuracy' or 'loss', got {self.select_on!r}.")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+
+
+def set_trainable(network: ScBERTNetwork, trainable: Trainable) -> int:
+    """Freeze what the scheme leaves fixed; return the number of trainable parameters.
+
+    ``"all"`` trains everything but a fixed (gene2vec) gene embedding; ``"original"`` is the published
+    scheme: the classifier head, the final LayerNorm and the second-to-last encoder block;
+    ``"head"`` trains the classifier head alone.
+    """
+    if network.classifier is None:
+        raise ValueError("The network has no classifier head to fine-tune.")
+    for p in network.parameters():
+        p.requires_grad_(trainable == "all")
+    if trainable == "all":
+        network.gene_emb.weight.requires_grad_(network.config.gene_emb_trainable)
+    if trainable == "original":
+        for module in (network.norm, network.layers[-2] if len(network.layers) > 1 else network.layers[-1]):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    for p in network.classifier.parameters():
+        p.requires_grad_(True)
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Macro-averaged F1 over the classes present in ``y_true`` or ``y_pred`` (as scikit-learn)."""
+    f1s = []
+    for c in range(n_classes):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def _logits(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
+    return network(x)
+
+
+def evaluate(
+    network: ScBERTNetwork,
+    tokens: TokenMatrix,
+    labels: np.ndarray,
+    rows: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    weight: torch.Tensor | None,
+) -> dict[str, float]:
+    """Loss, accuracy and macro F1 of the classifier on ``rows``."""
+    (logits,) = run_batches(network, tokens, _logits, rows=rows, batch_size=batch_size, device=device, desc="validate")
+    y = labels[rows]
+    logits_t = torch.from_numpy(logits)
+    loss = nn.functional.cross_entropy(logits_t, torch.from_numpy(y), weight=None if weight is None else weight.cpu())
+    pred = logits.argmax(1)
+    return {
+        "loss": float(loss),
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": macro_f1(y, pred, logits.shape[1]),
+    }
+
+
+def fit_classifier(
+    network: ScBERTNetwork,
+    tokens: TokenMatrix,
+    labels: np.ndarray,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    options: FinetuneOptions,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[dict[str, float]]:
+    """Train ``network``'s classifier on ``train_rows``; keep the weights of the best validation epoch.
+
+    The model is selected, and training stopped early, on ``val_rows`` alone. Gradients of
+    ``accumulate`` micro-batches are summed with each micro-batch's loss weighted by its share of the
+    cells in the step, so the update equals that of one large batch. Randomness (shuffling, dropout,
+    new weights) comes from ``options.seed``: runs on the CPU are deterministic.
+
+    Returns
+    -------
+    The history, one dict per epoch; ``network`` holds the selected weights on return.
+    """
+    o = options
+    n_classes = network.config.n_classes
+    counts = np.bincount(labels[train_rows], minlength=n_classes)
+    weight = None
+    if o.class_weight == "balanced":
+        w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    n_trainable = set_trainable(network, o.trainable)
+    network.to(device)
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    steps_per_epoch = math.ceil(len(train_rows) / (o.batch_size * o.accumulate))
+    total = steps_per_epoch * o.epochs
+    warmup = max(1, int(o.warmup * total))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum")
+    rng = np.random.default_rng(o.seed)
+    labels_t = torch.from_numpy(labels)
+    logger.info(
+        "Fine-tuning %d trainable parameters (%s) on %d cells, selecting on %d validation cells, %s on %s",
+        n_trainable,
+        o.trainable,
+        len(train_rows),
+        len(val_rows),
+        str(dtype).replace("torch.", ""),
+        device,
+    )
+    history: list[dict[str, float]] = []
+    best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
+    bar = tqdm(total=o.epochs, desc="finetune", unit="epoch", disable=not settings.progress)
+    for epoch in range(1, o.epochs + 1):
+        t0 = time.perf_counter()
+        network.train()
+        seen, loss_sum = 0, 0.0
+        step_rows = o.batch_size * o.accumulate
+        for group in batch_indices(train_rows, step_rows, shuffle=True, rng=rng):
+            optimizer.zero_grad(set_to_none=True)
+            for micro in batch_indices(group, o.batch_size):
+                x = tokens.tokens(micro).to(device, non_blocking=True)
+                y = labels_t[micro].to(device)
+                with autocast(device, dtype):
+                    logits = network(x)
+                loss = loss_fn(logits.float(), y)
+                # a weighted sum divided by the step's total weight: one big batch, however it is split
+                denom = weight[labels_t[group].to(device)].sum() if weight is not None else float(len(group))
+                (loss / denom).backward()
+                loss_sum += float(loss.detach())
+                seen += float(denom)
+            optimizer.step()
+            scheduler.step()
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1.0), "lr": scheduler.get_last_lr()[0]}
+        if len(val_rows):
+            val = evaluate(
+                network, tokens, labels, val_rows, batch_size=max(o.batch_size, 64), device=device, weight=weight
+            )
+            record.update({f"val_{k}": v for k, v in val.items()})
+            score = -val["loss"] if o.select_on == "loss" else val[o.select_on]
+        else:
+            score = float(epoch)  # nothing to select on: the last epoch
+        record["seconds"] = time.perf_counter() - t0
+        history.append(record)
+        if score > best_score:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().clone() for k, v in network.state_dict().items()})
+        else:
+            stale += 1
+        bar.set_postfix(
+            {
+                k: f"{v:.3f}"
+                for k, v in record.items()
+                if k in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1")
+            }
+        )
+        bar.update(1)
+        logger.debug("epoch %d: %s", epoch, record)
+        if stale >= o.patience:
+            logger.info("Early stop after epoch %d: no validation improvement for %d epochs", epoch, o.patience)
+            break
+    bar.close()
+    if len(history) > 1 and history[-1]["train_loss"] > 0.95 * history[0]["train_loss"]:
+        logger.warning(
+            "The training loss barely fell (%.3f -> %.3f): the classifier did not learn. Try another lr, more "
+            "epochs, or a wider classifier head; check history and the validation metrics before using it.",
+            history[0]["train_loss"],
+            history[-1]["train_loss"],
+        )
+    if best_state is not None:
+        network.load_state_dict(best_state)
+    for record in history:
+        record["selected"] = record["epoch"] == best_epoch
+    for p in network.parameters():  # back to the network's defaults
+        p.requires_grad_(True)
+    network.gene_emb.weight.requires_grad_(network.config.gene_emb_trainable)
+    network.eval()
+    logger.info("Selected epoch %d of %d on validation %s", best_epoch, len(history), o.select_on)
+    return history
+
+
+def options_dict(options: FinetuneOptions) -> dict:
+    """The options as a plain dict (for provenance)."""
+    return asdict(options)

@@ -1,0 +1,269 @@
+"""Fine-tune, annotate, embed, cross-validate and the shell command, on real PBMC3k cells with a small model."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+
+import scbert_tl as scbert
+from scbert_tl import ScBERT
+from scbert_tl._cli import main
+
+SMALL = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "classifier_hidden": (256, 64), "classifier_dropout": 0.1}
+
+
+@pytest.fixture(scope="module")
+def pbmc(pbmc3k_path):
+    """600 PBMC3k cells (stratified), raw counts."""
+    adata = ad.read_h5ad(pbmc3k_path)
+    rng = np.random.default_rng(0)
+    keep = np.concatenate(
+        [
+            rng.permutation(np.flatnonzero(adata.obs["cell_type"] == c))[:90]
+            for c in adata.obs["cell_type"].cat.categories
+        ]
+    )
+    return adata[np.sort(keep)].copy()
+
+
+@pytest.fixture(scope="module")
+def genes(pbmc):
+    """300 highly variable genes of the data, as a small model's panel."""
+    tmp = pbmc.copy()
+    sc.pp.normalize_total(tmp)
+    sc.pp.log1p(tmp)
+    sc.pp.highly_variable_genes(tmp, n_top_genes=300, flavor="cell_ranger")
+    return list(tmp.var_names[tmp.var["highly_variable"]])
+
+
+@pytest.fixture(scope="module")
+def split(pbmc):
+    rng = np.random.default_rng(1)
+    test = np.zeros(pbmc.n_obs, dtype=bool)
+    test[rng.permutation(pbmc.n_obs)[: pbmc.n_obs // 4]] = True
+    return pbmc[~test].copy(), pbmc[test].copy()
+
+
+@pytest.fixture(scope="module")
+def finetuned(split, genes):
+    ref, _ = split
+    return scbert.tl.finetune(ref, "cell_type", model=ScBERT.new(genes, seed=0, **SMALL), epochs=6, batch_size=16)
+
+
+def test_finetune_then_annotate_on_real_cells(finetuned, split):
+    ref, query = split
+    assert finetuned.classes == [c for c in ref.obs["cell_type"].cat.categories if c in set(ref.obs["cell_type"])]
+    assert 1 <= finetuned.provenance["selected_epoch"] <= 6 and len(finetuned.history) >= 1
+    assert sum(h["selected"] for h in finetuned.history) == 1
+    assert (ref.obs["scbert_split"] == "validation").sum() == finetuned.provenance["n_validation"] > 0
+    scbert.tl.annotate(query, finetuned, unknown_threshold=0.0)
+    assert list(query.obs["scbert"].cat.categories) == [*finetuned.classes, "unknown"]
+    probs = query.obsm["scbert_probabilities"]
+    assert probs.shape == (query.n_obs, len(finetuned.classes))
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(query.obs["scbert_confidence"], probs.max(1), atol=1e-6)
+    accuracy = (query.obs["scbert"].astype(str) == query.obs["cell_type"].astype(str)).mean()
+    assert accuracy > 0.7  # 300 genes, one small block, six epochs on 450 cells
+    assert query.uns["scbert"]["classes"] == finetuned.classes
+    assert query.uns["scbert"]["params"]["annotate"]["unknown_threshold"] == 0.0
+    assert "bin" in query.uns["scbert"]["params"]  # pp.bin's record at the same key is kept
+
+
+def test_unknown_threshold_calls_low_confidence_cells_unknown(finetuned, split):
+    _, query = split
+    out = scbert.tl.annotate(query, finetuned, unknown_threshold=0.9, copy=True)
+    low = out.obs["scbert_confidence"] < 0.9
+    assert (out.obs["scbert"][low] == "unknown").all() and (out.obs["scbert"][~low] != "unknown").all()
+    assert "scbert_probabilities" not in query.obsm or query is not out
+
+
+def test_saved_model_predicts_the_same(finetuned, split, tmp_path):
+    _, query = split
+    a = scbert.tl.annotate(query, finetuned, copy=True)
+    finetuned.save(tmp_path / "m")
+    b = scbert.tl.annotate(query, ScBERT.load(tmp_path / "m"), copy=True)
+    np.testing.assert_array_equal(a.obsm["scbert_probabilities"], b.obsm["scbert_probabilities"])
+    assert ScBERT.load(tmp_path / "m").history == finetuned.history
+
+
+def test_gene_order_and_missing_genes_do_not_change_predictions(finetuned, split):
+    _, query = split
+    present = [g for g in finetuned.genes if g in query.var_names][:-20]  # 20 model genes missing
+    extra = [g for g in query.var_names if g not in set(finetuned.genes)]  # not in the model panel
+    aligned = query[:, present + extra].copy()  # panel genes first, in the model's order
+    rng = np.random.default_rng(3)
+    shuffled = query[:, list(rng.permutation(present + extra))].copy()
+    a = scbert.tl.annotate(aligned, finetuned, copy=True)
+    b = scbert.tl.annotate(shuffled, finetuned, copy=True)
+    np.testing.assert_allclose(a.obsm["scbert_probabilities"], b.obsm["scbert_probabilities"], atol=1e-6)
+    assert b.uns["scbert"]["coverage"]["panel_genes_matched"] == len(present)
+
+
+def test_embed_feeds_scanpy(finetuned, split):
+    _, query = split
+    scbert.tl.embed(query, finetuned)
+    assert query.obsm["X_scbert"].shape == (query.n_obs, SMALL["dim"])
+    scbert.tl.embed(query, finetuned, representation="classifier", key_added="X_scbert_head")
+    assert query.obsm["X_scbert_head"].shape == (query.n_obs, SMALL["classifier_hidden"][1])
+    sc.pp.neighbors(query, use_rep="X_scbert_head")
+    sc.tl.umap(query)
+    assert query.obsm["X_umap"].shape == (query.n_obs, 2)
+
+
+def test_finetune_is_deterministic_on_cpu(split, genes):
+    ref, _ = split
+    small = ref[:150].copy()
+    m1 = scbert.tl.finetune(
+        small, "cell_type", model=ScBERT.new(genes, seed=1, **SMALL), epochs=1, batch_size=16, rng=5
+    )
+    m2 = scbert.tl.finetune(
+        small, "cell_type", model=ScBERT.new(genes, seed=1, **SMALL), epochs=1, batch_size=16, rng=5
+    )
+    for (k, v), w in zip(m1.network.state_dict().items(), m2.network.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+
+
+def test_gradient_accumulation_equals_one_big_batch(split, genes):
+    ref, _ = split
+    small = ref[:96].copy()
+    kw = {"epochs": 1, "validation": 0.0, "class_weight": "balanced", "rng": 2}
+    base = ScBERT.new(genes, seed=1, **{**SMALL, "classifier_dropout": 0.0})
+    big = scbert.tl.finetune(small, "cell_type", model=base, batch_size=32, accumulate=1, **kw)
+    acc = scbert.tl.finetune(small, "cell_type", model=base, batch_size=8, accumulate=4, **kw)
+    for (k, v), w in zip(big.network.state_dict().items(), acc.network.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, w, atol=2e-5, rtol=1e-4, msg=k)
+
+
+def test_original_freezing_scheme_trains_only_head_norm_and_second_to_last_block(split, genes):
+    ref, _ = split
+    base = ScBERT.new(genes, seed=1, **{**SMALL, "depth": 3})
+    m = scbert.tl.finetune(ref[:80].copy(), "cell_type", model=base, epochs=1, trainable="original", validation=0.0)
+    after, before = m.network.state_dict(), base.network.state_dict()
+    changed = {
+        k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("layers.") else "")
+        for k in before
+        if not torch.equal(before[k], after[k])
+    }
+    assert changed == {"layers.1", "norm"}  # and the new classifier head, which the base did not have
+    assert base.network.classifier is None  # the caller's model is not changed
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_finetune_bad_labels(split, genes):
+    ref, _ = split
+    model = ScBERT.new(genes, seed=0, **SMALL)
+    with pytest.raises(KeyError, match="label_key='celltype' is not a column"):
+        scbert.tl.finetune(ref, "celltype", model=model)
+    one = ref.copy()
+    one.obs["one"] = "T"
+    with pytest.raises(ValueError, match="needs at least two"):
+        scbert.tl.finetune(one, "one", model=model)
+    nan = ref.copy()
+    nan.obs["lab"] = nan.obs["cell_type"].astype(object)
+    nan.obs.iloc[:3, nan.obs.columns.get_loc("lab")] = np.nan
+    with pytest.raises(ValueError, match="3 cells have no label"):
+        scbert.tl.finetune(nan, "lab", model=model)
+
+
+def test_model_without_gene_overlap(split):
+    _, query = split
+    model = ScBERT.new([f"NOT_A_GENE_{i}" for i in range(50)], seed=0, **SMALL)
+    model.network.add_classifier(2)
+    model.classes = ["a", "b"]
+    with pytest.raises(ValueError, match="None of the .* genes of adata"):
+        scbert.tl.annotate(query.copy(), model)
+
+
+def test_annotate_needs_a_classifier(split, genes):
+    _, query = split
+    with pytest.raises(ValueError, match="no classifier"):
+        scbert.tl.annotate(query.copy(), ScBERT.new(genes, **SMALL))
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_cross_validation_folds_never_leak(pbmc, genes):
+    adata = pbmc[::3].copy()
+    frame = scbert.tl.cross_validate(
+        adata,
+        "cell_type",
+        model=ScBERT.new(genes, seed=0, **SMALL),
+        n_splits=3,
+        finetune_kwargs={"epochs": 1, "batch_size": 32},
+    )
+    folds = adata.uns["scbert_cv"]["folds"][0]
+    assert set(folds) == {0, 1, 2}  # every cell is tested exactly once
+    assert set(frame["method"]) == {"scbert", "l1_logistic"} and len(frame) == 6
+    assert (frame["n_train"] + frame["n_test"] == adata.n_obs).all()
+    confusion = adata.uns["scbert_cv"]["confusion"]["scbert"]
+    assert confusion.sum() == adata.n_obs
+    summary = adata.uns["scbert_cv"]["summary"].set_index("method")
+    assert summary.loc["l1_logistic", "accuracy_mean"] == pytest.approx(
+        frame.query("method == 'l1_logistic'")["accuracy"].mean()
+    )
+
+
+def test_scores_equal_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from scbert_tl.tl._evaluate import scores
+
+    truth = np.array(list("aabbbcccd"))
+    pred = np.array(list("abbbcccda"))
+    s = scores(truth, pred, ["a", "b", "c", "d"])
+    assert s["accuracy"] == accuracy_score(truth, pred)
+    assert s["macro_f1"] == pytest.approx(f1_score(truth, pred, average="macro"))
+    assert s["per_class_f1"]["b"] == pytest.approx(f1_score(truth, pred, labels=["b"], average=None)[0])
+
+
+# ------------------------------------------------------------------------------------------ shell
+def test_cli_finetune_annotate_round_trip(split, genes, tmp_path, capsys):
+    ref, query = split
+    small = ScBERT.new(genes, seed=0, **SMALL)
+    small.save(tmp_path / "base")
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    argv = ["finetune", str(tmp_path / "ref.h5ad"), "--label-key", "cell_type", "--out", str(tmp_path / "m")]
+    assert main([*argv, "--model", str(tmp_path / "base"), "--epochs", "1", "-q"]) == 0
+    out = str(tmp_path / "out.h5ad")
+    assert (
+        main(["annotate", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "m"), "--out", out, "--embed", "-q"])
+        == 0
+    )
+    annotated = ad.read_h5ad(out)
+    assert "scbert" in annotated.obs and "X_scbert" in annotated.obsm
+    # errors: clear message, non-zero status
+    assert main(["annotate", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "m"), "--out", out, "-q"]) == 1
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*argv[:3], "nope", "--out", str(tmp_path / "m2"), "--model", str(tmp_path / "base"), "-q"]) == 1
+    assert "label_key='nope' is not a column" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    assert e.value.code == 0
+
+
+def test_plots_render(finetuned, split, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    _, query = split
+    out = scbert.tl.annotate(query, finetuned, copy=True)
+    ax = scbert.pl.confusion(out, truth="cell_type", prediction="scbert", show=False)
+    assert ax.get_ylabel() == "true (cell_type)"
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        c for c in finetuned.classes if c in set(out.obs["cell_type"])
+    ]
+    ax.figure.savefig(tmp_path / "confusion.png")
+    ax = scbert.pl.history(finetuned, show=False)
+    assert ax.get_xlabel() == "epoch" and len(ax.lines) >= 2
+    ax.figure.savefig(tmp_path / "history.png")
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+
+
+def test_demo_data_is_not_scaled_x():
+    """The demo bins pbmc68k_reduced's log1p .raw; its scaled .X is refused with advice."""
+    data = sc.datasets.pbmc68k_reduced()
+    with pytest.raises(ValueError, match="negative values"):
+        scbert.pp.bin(data, panel=list(data.var_names), aliases=None)
