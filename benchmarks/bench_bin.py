@@ -56,7 +56,7 @@ def run(path: Path, chunk_size: int) -> dict:
     genes = np.array([f"G{i}" for i in range(n_genes)])[rng.permutation(n_genes)]  # panel genes scattered
     adata = ad.AnnData(X, var=pd.DataFrame(index=genes))
     panel = [f"G{i}" for i in range(PANEL_SIZE)]
-    rss_input = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    rss_input = _current_rss_gib()
     t0 = time.perf_counter()
     scbert.pp.bin(adata, panel=panel, aliases=None, chunk_size=chunk_size)
     seconds = time.perf_counter() - t0
@@ -100,10 +100,18 @@ def main() -> None:
     print(
         f"pp.bin: {result['cells']:,} cells x {result['genes']:,} genes, {result['nnz']:,} non-zeros "
         f"({100 * result['density']:.1f}%): {result['seconds']:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB "
-        f"(input alone {result['input_rss_gib']:.2f} GiB) on {result['cores']} cores of {result['cpu']}"
+        f"(before binning, with the input loaded: {result['input_rss_gib']:.2f} GiB) on {result['cores']} cores of "
+        f"{result['cpu']}"
     )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def _current_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
 
 
 def _cpu_name() -> str:

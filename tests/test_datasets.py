@@ -220,3 +220,11 @@ def test_from_pretrained_wires_registry_and_panel(server, cache, monkeypatch, pa
     assert model.panel == "scbert-panglao" and model.genes == panel_genes
     assert model.provenance["format"] == "nano-scbert"
     assert torch.equal(model.network.layers[0].attn.to_qkv.weight, net.layers[0].attn.to_qkv.weight)
+
+
+def test_failed_download_says_where_to_put_the_file(server, cache):
+    _, url = server
+    asset = Asset(name="missing", url=f"{url}/not-there.txt", sha256="0" * 64)
+    with pytest.raises(OSError, match=r"Could not download missing .* put it at .*missing"):
+        fetch(asset, progressbar=False)
+    assert not (cache / "missing").exists()

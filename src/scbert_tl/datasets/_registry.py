@@ -148,6 +148,12 @@ def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
     except ValueError as e:  # pooch's hash mismatch: it has already discarded the download
         target.unlink(missing_ok=True)
         raise IntegrityError(f"{asset.name}: the download from {asset.url} does not match its sha256; {e}") from e
+    except OSError as e:  # no network, proxy, HTTP error
+        raise OSError(
+            f"Could not download {asset.name} from {asset.url} ({type(e).__name__}). On a machine without "
+            f"internet access, download it elsewhere and put it at {target} (set SCBERT_DATA_DIR to choose the "
+            "folder); it is verified before use."
+        ) from e
     if asset.pin and not (asset.sha256 or asset.git_sha1):
         _check_pin(asset, path)
     if asset.git_sha1:
