@@ -8,24 +8,32 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ._favor import FavorAttention
+from ._favor import FavorAttention, _compiling, fused_linear
 
 if TYPE_CHECKING:
     from ._config import ScBERTConfig
 
 
 class FeedForward(nn.Module):
-    """``dim -> dim * mult -> dim`` with GELU."""
+    """``dim -> dim * mult -> dim`` with GELU (fused into the first product on CPU when ``fused``)."""
 
     def __init__(self, dim: int, mult: int) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, dim * mult)
         self.act = nn.GELU()
         self.w2 = nn.Linear(dim * mult, dim)
+        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the two layers."""
+        if self.fused and not _compiling():
+            return fused_linear(self.w2, fused_linear(self.w1, x, gelu=True))
         return self.w2(self.act(self.w1(x)))
+
+
+def _residual(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + y``, in place into ``y`` when that keeps the result's dtype (inference only)."""
+    return y.add_(x) if y.dtype == torch.result_type(x, y) else x + y
 
 
 class PerformerBlock(nn.Module):
@@ -41,8 +49,12 @@ class PerformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One encoder block."""
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.ff(self.ff_norm(x))
+        if torch.is_grad_enabled():
+            x = x + self.attn(self.attn_norm(x))
+            return x + self.ff(self.ff_norm(x))
+        # inference: accumulate the residuals into the fresh block outputs
+        x = _residual(self.attn(self.attn_norm(x)), x)
+        return _residual(self.ff(self.ff_norm(x)), x)
 
 
 class ClassifierHead(nn.Module):
@@ -151,6 +163,16 @@ class ScBERTNetwork(nn.Module):
         self.classifier = ClassifierHead(c.seq_len, c.dim, c.classifier_hidden, n_classes, c.classifier_dropout).to(
             device
         )
+
+    @property
+    def fused_kernels(self) -> bool:
+        """Whether blocks use the fused FAVOR+ and (on CPU) oneDNN paths; ``False`` gives the plain reference path."""
+        return all(layer.attn.fused and layer.ff.fused for layer in self.layers)
+
+    @fused_kernels.setter
+    def fused_kernels(self, enabled: bool) -> None:
+        for layer in self.layers:
+            layer.attn.fused = layer.ff.fused = bool(enabled)
 
     def set_key_stabilizer(self, mode: str) -> None:
         """Switch every attention block's key stabiliser (``"cell"``, ``"head"`` or ``"batch"``)."""
