@@ -40,12 +40,21 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine per-fold result files and print the table")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
+
+    import logging
 
     import scbert_tl as scbert
 
-    scbert.settings.verbosity = 1
+    scbert.settings.verbosity = 1  # no progress bars; fold results still logged:
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    logging.getLogger("scbert_tl.tl._evaluate").setLevel(logging.INFO)
     adata, key = load(args.data)
     t0 = time.perf_counter()
     frame = scbert.tl.cross_validate(
@@ -54,6 +63,7 @@ def main() -> None:
         model="compact",
         n_splits=args.folds,
         finetune_kwargs={"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size},
+        folds=args.fold,
         rng=args.seed,
     )
     summary = adata.uns["scbert_cv"]["summary"]
@@ -81,6 +91,29 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+
+
+def merge(paths: list[Path], out: Path | None) -> None:
+    """One table from result files of disjoint folds of the same cross-validation."""
+    import pandas as pd
+
+    parts = [json.loads(p.read_text()) for p in paths]
+    frame = pd.DataFrame([row for part in parts for row in part["folds"]]).sort_values(["method", "fold"])
+    if frame.duplicated(["method", "repeat", "fold"]).any():
+        raise SystemExit("the files overlap: the same fold appears twice")
+    summary = frame.groupby("method", sort=False)[["accuracy", "macro_f1"]].agg(["mean", "std"])
+    print(frame[["method", "fold", "accuracy", "macro_f1", "seconds"]].to_string(index=False))
+    print(summary.round(3).to_string())
+    if out:
+        merged = parts[0] | {
+            "folds": frame.to_dict(orient="records"),
+            "summary": [
+                {"method": m, **{f"{a}_{b}": float(v) for (a, b), v in row.items()}} for m, row in summary.iterrows()
+            ],
+            "seconds": sum(p["seconds"] for p in parts),
+        }
+        merged["args"]["fold"] = sorted(int(f) for f in frame["fold"].unique())
+        out.write_text(json.dumps(merged, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":

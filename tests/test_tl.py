@@ -200,9 +200,20 @@ def test_cross_validation_folds_never_leak(pbmc, genes):
     confusion = adata.uns["scbert_cv"]["confusion"]["scbert"]
     assert confusion.sum() == adata.n_obs
     summary = adata.uns["scbert_cv"]["summary"].set_index("method")
-    assert summary.loc["l1_logistic", "accuracy_mean"] == pytest.approx(
-        frame.query("method == 'l1_logistic'")["accuracy"].mean()
+    l1 = frame.query("method == 'l1_logistic'")["accuracy"]
+    assert summary.loc["l1_logistic", "accuracy_mean"] == pytest.approx(l1.mean())
+    assert summary.loc["l1_logistic", "accuracy_std"] == pytest.approx(l1.std())
+    one = scbert.tl.cross_validate(
+        adata,
+        "cell_type",
+        model=ScBERT.new(genes, seed=0, **SMALL),
+        n_splits=3,
+        folds=[1],
+        finetune_kwargs={"epochs": 1},
     )
+    assert set(one["fold"]) == {1} and len(one) == 2
+    np.testing.assert_array_equal(adata.uns["scbert_cv"]["folds"][0], folds)  # same assignment, one fold run
+    assert one.loc[one["method"] == "l1_logistic", "accuracy"].item() == pytest.approx(l1.iloc[1])
 
 
 def test_scores_equal_scikit_learn():

@@ -83,6 +83,7 @@ def cross_validate(
     baselines: Sequence[str] = BASELINES,
     validation: float = 0.1,
     finetune_kwargs: dict[str, Any] | None = None,
+    folds: Sequence[int] | None = None,
     rng: int = 0,
     key_added: str = "scbert_cv",
 ) -> pd.DataFrame:
@@ -112,6 +113,9 @@ def cross_validate(
         Fraction of each training split held out for model selection.
     finetune_kwargs
         Further arguments of :func:`~scbert_tl.tl.finetune` (epochs, batch size, ...).
+    folds
+        Run only these folds (of every repeat), e.g. to spread one cross-validation over several
+        processes; the fold assignment does not change. Default: all.
     rng
         Seed of the folds (repeat ``r`` uses ``rng + r``) and of the training.
     key_added
@@ -152,13 +156,18 @@ def cross_validate(
 
     rows: list[dict[str, Any]] = []
     confusion = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in ("scbert", *baselines)}
+    selected = None if folds is None else {int(f) for f in folds}
+    if selected is not None and not selected <= set(range(n_splits)):
+        raise ValueError(f"folds must be between 0 and {n_splits - 1}, got {sorted(selected)}.")
     folds = np.full((n_repeats, adata.n_obs), -1, dtype=np.int64)
     for repeat in range(n_repeats):
         splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=rng + repeat)
         for fold, (train, test) in enumerate(splitter.split(np.zeros(labels.size), labels)):
+            folds[repeat, test] = fold
+            if selected is not None and fold not in selected:
+                continue
             if np.intersect1d(train, test).size:  # cannot happen with StratifiedKFold; never let it pass
                 raise RuntimeError("A cell is in both the training and the test folds.")
-            folds[repeat, test] = fold
             logger.info(
                 "cross_validate: repeat %d, fold %d: %d training, %d test cells", repeat, fold, train.size, test.size
             )
@@ -205,6 +214,7 @@ def cross_validate(
             "model": model if isinstance(model, str) else type(model).__name__,
             "n_splits": n_splits,
             "n_repeats": n_repeats,
+            "folds": "all" if selected is None else sorted(selected),
             "validation": validation,
             "baselines": list(baselines),
             "rng": rng,
