@@ -20,11 +20,17 @@ from scbert_tl.train import auto_batch_size
 STABILIZERS = ["cell", "head", "batch"]
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Force many chunks per cell, so the running key maximum and the chunk seams are exercised."""
+@pytest.fixture(params=["head-products", "batched-products"])
+def small_chunks(request, monkeypatch):
+    """Force many chunks per cell, so the running key maximum and the chunk seams are exercised.
+
+    Runs twice: with the per-(cell, head) oneDNN contractions forced on (where oneDNN exists), and off.
+    """
     monkeypatch.setattr(favor, "CPU_CHUNK_ELEMENTS", 2_000)
     monkeypatch.setattr(favor, "CUDA_CHUNK_ELEMENTS", 2_000)
+    per_head = request.param == "head-products"
+    monkeypatch.setattr(favor, "ONEDNN_QUERY_PRODUCT", per_head)
+    monkeypatch.setattr(favor, "ONEDNN_HEAD_PRODUCT_MIN_FLOPS", 0 if per_head else float("inf"))
 
 
 def _plain(q, k, v, projection, mode):

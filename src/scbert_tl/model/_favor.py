@@ -42,8 +42,10 @@ FEATURE_EPS = 1e-4
 #: a chunk (about 5 MB) in the last-level cache; on CUDA it bounds the working memory of one block.
 CPU_CHUNK_ELEMENTS = 1_400_000
 CUDA_CHUNK_ELEMENTS = 1 << 28
-#: Whether the query-side contraction uses oneDNN per (cell, head) on CPU rather than one batched MKL product.
+#: Whether the contractions with a fixed right-hand side use oneDNN per (cell, head) on CPU rather than one
+#: batched MKL product; only when one such product is at least this many FLOPs (packing costs ~0.3 ms).
 ONEDNN_QUERY_PRODUCT = True
+ONEDNN_HEAD_PRODUCT_MIN_FLOPS = 1e8
 
 
 # oneDNN linear (CPU, float32) ------------------------------------------------------------------------------------
@@ -287,6 +289,10 @@ class _Projector:
         return gx.sub_(x * grad_e.sum(dim=-1, keepdim=True).mul_(self.grad_coef))
 
 
+def _head_products_pay(rows: int, k: int, n: int) -> bool:
+    return ONEDNN_QUERY_PRODUCT and 2.0 * rows * k * n >= ONEDNN_HEAD_PRODUCT_MIN_FLOPS
+
+
 class _HeadProducts:
     """``x_j @ B_j (+ bias_j)`` for every (cell, head) ``j``, with right-hand sides fixed for a whole pass.
 
@@ -294,9 +300,10 @@ class _HeadProducts:
     times MKL's batched product at these shapes); otherwise one batched product.
     """
 
-    def __init__(self, rhs: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
-        self.rhs, self.bias, self.onednn = rhs, bias, onednn
-        if onednn:
+    def __init__(self, rhs: torch.Tensor, bias: torch.Tensor | None, onednn: bool, rows: int) -> None:
+        self.rhs, self.bias = rhs, bias
+        self.onednn = onednn and _head_products_pay(rows, rhs.shape[1], rhs.shape[2])
+        if self.onednn:
             pack = torch.ops.mkldnn._reorder_linear_weight
             self.packed = [pack(r.t().contiguous(), None) for r in rhs]
             self.biases = [None] * len(self.packed) if bias is None else list(bias[:, 0])
@@ -404,7 +411,7 @@ def _query_pass(q, proj: _Projector, context, out, den=None) -> None:
     buf = torch.empty(b * h * rows * d, device=q.device)
     ctx_bh = context.reshape(b * h, m, d + 1)
     q_bias = context.sum(dim=2, keepdim=True).mul_(FEATURE_EPS).view(b * h, 1, d + 1)
-    onednn = proj.onednn and ONEDNN_QUERY_PRODUCT
+    onednn = proj.onednn and _head_products_pay(n, m, d + 1)
     if onednn:  # one packed (d+1) x m product per cell and head: about twice MKL's batched product here
         ops = torch.ops.mkldnn
         packed = [ops._reorder_linear_weight(c.t().contiguous(), None) for c in ctx_bh]
@@ -477,7 +484,7 @@ def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, gr
     buf_in = torch.empty(b * h * rows * d, device=dev)
     buf_g = torch.empty(b * h * rows * (d + 1), device=dev)
     ctx_bh = context.reshape(b * h, m, d + 1)
-    grad_e_of = _HeadProducts(ctx_bh.transpose(1, 2), None, proj.onednn)
+    grad_e_of = _HeadProducts(ctx_bh.transpose(1, 2), None, proj.onednn, n)
 
     grad_context = torch.zeros(b * h, m, d + 1, device=dev)
     g_sum = torch.zeros(b, h, 1, d + 1, device=dev)
@@ -498,8 +505,8 @@ def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, gr
 
     gctx_bh = grad_context.view(b * h, m, d + 1)
     v_bias = grad_context[..., :d].sum(dim=2, keepdim=True).mul_(FEATURE_EPS).view(b * h, 1, d)
-    grad_v_of = _HeadProducts(gctx_bh[..., :d], v_bias, proj.onednn)
-    grad_e_of = _HeadProducts(gctx_bh.transpose(1, 2), None, proj.onednn)
+    grad_v_of = _HeadProducts(gctx_bh[..., :d], v_bias, proj.onednn, n)
+    grad_e_of = _HeadProducts(gctx_bh.transpose(1, 2), None, proj.onednn, n)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = r1 - r0
