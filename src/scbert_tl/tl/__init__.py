@@ -4,5 +4,6 @@ from ._annotate import annotate
 from ._embed import embed
 from ._evaluate import cross_validate
 from ._finetune import finetune
+from ._pretrain import pretrain
 
-__all__ = ["annotate", "cross_validate", "embed", "finetune"]
+__all__ = ["annotate", "cross_validate", "embed", "finetune", "pretrain"]

@@ -2,5 +2,22 @@
 
 from ._data import TokenMatrix, batch_indices
 from ._inference import auto_batch_size, autocast, run_batches
+from ._pretrain import PretrainResult, load_checkpoint, mask_tokens, mode_baseline, pretrain_network
+from ._stream import H5adSource, MemorySource, StreamPlan, TokenSource
 
-__all__ = ["TokenMatrix", "auto_batch_size", "autocast", "batch_indices", "run_batches"]
+__all__ = [
+    "H5adSource",
+    "MemorySource",
+    "PretrainResult",
+    "StreamPlan",
+    "TokenMatrix",
+    "TokenSource",
+    "auto_batch_size",
+    "autocast",
+    "batch_indices",
+    "load_checkpoint",
+    "mask_tokens",
+    "mode_baseline",
+    "pretrain_network",
+    "run_batches",
+]
