@@ -12,13 +12,16 @@ if TYPE_CHECKING:
     from .._scbert import ScBERT
 
 
-def history(model: ScBERT, *, ax: Axes | None = None, show: bool | None = None) -> Axes | None:
+def history(model: ScBERT, *, stage: str = "finetune", ax: Axes | None = None, show: bool | None = None) -> Axes | None:
     """Training loss and validation metrics per epoch, with the selected epoch marked.
 
     Parameters
     ----------
     model
-        A model returned by :func:`scbert_tl.tl.finetune` (or loaded with its history).
+        A model returned by :func:`scbert_tl.tl.finetune` or :func:`scbert_tl.tl.pretrain` (or loaded
+        with its history).
+    stage
+        Which records to show: ``"finetune"`` or ``"pretrain"`` (a model keeps both).
     ax
         Axes to draw into (default: a new figure).
     show
@@ -28,9 +31,9 @@ def history(model: ScBERT, *, ax: Axes | None = None, show: bool | None = None) 
     -------
     The Axes (losses on the left axis, metrics on a twin right axis), when not shown.
     """
-    records = [r for r in model.history if "epoch" in r]
+    records = [r for r in model.history if "epoch" in r and r.get("stage", "finetune") == stage]
     if not records:
-        raise ValueError("This model has no training history (it was not trained in this package).")
+        raise ValueError(f"This model has no {stage} history (it was not trained so in this package).")
     ax = new_axes(ax, (6, 4))
     epochs = [r["epoch"] for r in records]
     for key, style in (("train_loss", "-"), ("val_loss", "--")):

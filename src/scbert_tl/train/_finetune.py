@@ -197,7 +197,12 @@ def fit_classifier(
                 seen += float(denom)
             optimizer.step()
             scheduler.step()
-        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1.0), "lr": scheduler.get_last_lr()[0]}
+        record = {
+            "stage": "finetune",
+            "epoch": epoch,
+            "train_loss": loss_sum / max(seen, 1.0),
+            "lr": scheduler.get_last_lr()[0],
+        }
         if len(val_rows):
             val = evaluate(
                 network, tokens, labels, val_rows, batch_size=max(o.batch_size, 64), device=device, weight=weight
