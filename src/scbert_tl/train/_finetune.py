@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -119,6 +120,24 @@ def evaluate(
     }
 
 
+@contextlib.contextmanager
+def flush_denormals(device: torch.device):
+    """Treat subnormal floats as zero on the CPU while training (restored afterwards).
+
+    FAVOR+ features are exponentials; as weights grow, some underflow into subnormal numbers, which
+    x86 CPUs process many times slower than normal ones. Flushing them changes values by < 1e-38.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if previous:  # the call returns whether flushing is supported, not its previous state
+            torch.set_flush_denormal(False)
+
+
 def fit_classifier(
     network: ScBERTNetwork,
     tokens: TokenMatrix,
@@ -176,60 +195,61 @@ def fit_classifier(
     )
     history: list[dict[str, float]] = []
     best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
-    bar = tqdm(total=o.epochs, desc="finetune", unit="epoch", disable=not settings.progress)
-    for epoch in range(1, o.epochs + 1):
-        t0 = time.perf_counter()
-        network.train()
-        seen, loss_sum = 0, 0.0
-        step_rows = o.batch_size * o.accumulate
-        for group in batch_indices(train_rows, step_rows, shuffle=True, rng=rng):
-            optimizer.zero_grad(set_to_none=True)
-            for micro in batch_indices(group, o.batch_size):
-                x = tokens.tokens(micro).to(device, non_blocking=True)
-                y = labels_t[micro].to(device)
-                with autocast(device, dtype):
-                    logits = network(x)
-                loss = loss_fn(logits.float(), y)
-                # a weighted sum divided by the step's total weight: one big batch, however it is split
-                denom = weight[labels_t[group].to(device)].sum() if weight is not None else float(len(group))
-                (loss / denom).backward()
-                loss_sum += float(loss.detach())
-                seen += float(denom)
-            optimizer.step()
-            scheduler.step()
-        record = {
-            "stage": "finetune",
-            "epoch": epoch,
-            "train_loss": loss_sum / max(seen, 1.0),
-            "lr": scheduler.get_last_lr()[0],
-        }
-        if len(val_rows):
-            val = evaluate(
-                network, tokens, labels, val_rows, batch_size=max(o.batch_size, 64), device=device, weight=weight
-            )
-            record.update({f"val_{k}": v for k, v in val.items()})
-            score = -val["loss"] if o.select_on == "loss" else val[o.select_on]
-        else:
-            score = float(epoch)  # nothing to select on: the last epoch
-        record["seconds"] = time.perf_counter() - t0
-        history.append(record)
-        if score > best_score:
-            best_score, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().clone() for k, v in network.state_dict().items()})
-        else:
-            stale += 1
-        bar.set_postfix(
-            {
-                k: f"{v:.3f}"
-                for k, v in record.items()
-                if k in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1")
+    with flush_denormals(device):
+        bar = tqdm(total=o.epochs, desc="finetune", unit="epoch", disable=not settings.progress)
+        for epoch in range(1, o.epochs + 1):
+            t0 = time.perf_counter()
+            network.train()
+            seen, loss_sum = 0, 0.0
+            step_rows = o.batch_size * o.accumulate
+            for group in batch_indices(train_rows, step_rows, shuffle=True, rng=rng):
+                optimizer.zero_grad(set_to_none=True)
+                for micro in batch_indices(group, o.batch_size):
+                    x = tokens.tokens(micro).to(device, non_blocking=True)
+                    y = labels_t[micro].to(device)
+                    with autocast(device, dtype):
+                        logits = network(x)
+                    loss = loss_fn(logits.float(), y)
+                    # a weighted sum divided by the step's total weight: one big batch, however it is split
+                    denom = weight[labels_t[group].to(device)].sum() if weight is not None else float(len(group))
+                    (loss / denom).backward()
+                    loss_sum += float(loss.detach())
+                    seen += float(denom)
+                optimizer.step()
+                scheduler.step()
+            record = {
+                "stage": "finetune",
+                "epoch": epoch,
+                "train_loss": loss_sum / max(seen, 1.0),
+                "lr": scheduler.get_last_lr()[0],
             }
-        )
-        bar.update(1)
-        logger.debug("epoch %d: %s", epoch, record)
-        if stale >= o.patience:
-            logger.info("Early stop after epoch %d: no validation improvement for %d epochs", epoch, o.patience)
-            break
+            if len(val_rows):
+                val = evaluate(
+                    network, tokens, labels, val_rows, batch_size=max(o.batch_size, 64), device=device, weight=weight
+                )
+                record.update({f"val_{k}": v for k, v in val.items()})
+                score = -val["loss"] if o.select_on == "loss" else val[o.select_on]
+            else:
+                score = float(epoch)  # nothing to select on: the last epoch
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            if score > best_score:
+                best_score, best_epoch, stale = score, epoch, 0
+                best_state = copy.deepcopy({k: v.detach().clone() for k, v in network.state_dict().items()})
+            else:
+                stale += 1
+            bar.set_postfix(
+                {
+                    k: f"{v:.3f}"
+                    for k, v in record.items()
+                    if k in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1")
+                }
+            )
+            bar.update(1)
+            logger.debug("epoch %d: %s", epoch, record)
+            if stale >= o.patience:
+                logger.info("Early stop after epoch %d: no validation improvement for %d epochs", epoch, o.patience)
+                break
     bar.close()
     if len(history) > 1 and history[-1]["train_loss"] > 0.95 * history[0]["train_loss"]:
         logger.warning(
