@@ -244,7 +244,10 @@ def _run_worker(args: argparse.Namespace, impl: str, config: str, mode: str, bat
         cmd.append("--tf32")
     if args.compile and impl == "ours":
         cmd.append("--compile")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": impl, "config": config, "mode": mode, "error": f"timed out after {args.timeout} s"}
     if proc.returncode != 0:
         return {"impl": impl, "config": config, "mode": mode, "error": proc.stderr.strip()[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile our network for the forward benchmark")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for model FLOP utilisation")
+    p.add_argument("--timeout", type=float, default=None, help="seconds one measurement may take")
     p.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=["ours", "reference"], default="ours", help=argparse.SUPPRESS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -17,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .._settings import settings
 from ._data import batch_indices
-from ._inference import autocast, run_batches
+from ._inference import autocast, flush_denormals, run_batches
 
 if TYPE_CHECKING:
     from ..model import ScBERTNetwork
@@ -118,24 +117,6 @@ def evaluate(
         "accuracy": float((pred == y).mean()),
         "macro_f1": macro_f1(y, pred, logits.shape[1]),
     }
-
-
-@contextlib.contextmanager
-def flush_denormals(device: torch.device):
-    """Treat subnormal floats as zero on the CPU while training (restored afterwards).
-
-    FAVOR+ features are exponentials; as weights grow, some underflow into subnormal numbers, which
-    x86 CPUs process many times slower than normal ones. Flushing them changes values by < 1e-38.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if previous:  # the call returns whether flushing is supported, not its previous state
-            torch.set_flush_denormal(False)
 
 
 def fit_classifier(
