@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: finetune's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fold", type=int, action="append", help="run only this fold (repeatable)")
     parser.add_argument("--out", type=Path)
@@ -62,7 +63,12 @@ def main() -> None:
         key,
         model="compact",
         n_splits=args.folds,
-        finetune_kwargs={"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size},
+        finetune_kwargs={
+            "epochs": args.epochs,
+            "patience": args.patience,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+        },
         folds=args.fold,
         rng=args.seed,
     )

@@ -83,7 +83,10 @@ nitpick_ignore = [("py:class", "torch.nn.modules.module.Module")]
 if os.environ.get("SCBERT_DOCS_OFFLINE"):
     extensions.remove("sphinx.ext.intersphinx")
     nitpick_ignore_regex = [
-        ("py:.*", r"(anndata|numpy|np|pandas|pd|torch|matplotlib|scipy|scanpy|sc|collections|typing|pathlib|os|sp)\..*"),
+        (
+            "py:.*",
+            r"(anndata|numpy|np|pandas|pd|torch|matplotlib|scipy|scanpy|sc|collections|typing|pathlib|os|sp)\..*",
+        ),
         ("py:class", r"(AnnData|Axes|Figure|DataFrame|Path|PathLike|Tensor|Generator|ndarray|spmatrix)"),
         ("py:class", r"(optional|default.*)"),
     ]

@@ -67,6 +67,10 @@ class ClassifierHead(nn.Module):
     def __init__(self, seq_len: int, dim: int, hidden: tuple[int, int], n_classes: int, dropout: float) -> None:
         super().__init__()
         self.reduce = nn.Linear(dim, 1)
+        with torch.no_grad():
+            # start in the ReLU's linear range: with a small random bias most positions of a new head
+            # are zeroed and training can stall at the class prior (seen on pbmc68k_reduced)
+            self.reduce.bias.fill_(1.0)
         self.fc1 = nn.Linear(seq_len, hidden[0])
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.fc3 = nn.Linear(hidden[1], n_classes)
