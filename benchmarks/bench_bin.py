@@ -96,12 +96,13 @@ def main() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result["cpu"] = _cpu_name()
     result["cores"] = os.cpu_count()
+    result["load_average_1min"] = os.getloadavg()[0]  # other work on the machine inflates the time
     print(json.dumps(result, indent=1))
     print(
         f"pp.bin: {result['cells']:,} cells x {result['genes']:,} genes, {result['nnz']:,} non-zeros "
         f"({100 * result['density']:.1f}%): {result['seconds']:.1f} s, peak RSS {result['peak_rss_gib']:.2f} GiB "
         f"(before binning, with the input loaded: {result['input_rss_gib']:.2f} GiB) on {result['cores']} cores of "
-        f"{result['cpu']}"
+        f"{result['cpu']} (load average {result['load_average_1min']:.1f})"
     )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")

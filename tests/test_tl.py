@@ -278,3 +278,17 @@ def test_demo_data_is_not_scaled_x():
     data = sc.datasets.pbmc68k_reduced()
     with pytest.raises(ValueError, match="negative values"):
         scbert.pp.bin(data, panel=list(data.var_names), aliases=None)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_agrees_with_float32_on_real_cells(finetuned, split, device):
+    """bf16 autocast: the same type for at least 99.9% of real cells, embeddings with cosine >= 0.999."""
+    _, pbmc = split  # 150 held-out cells (bf16 on a CPU without native bf16 is slow)
+    ref = scbert.tl.annotate(pbmc, finetuned, unknown_threshold=0.0, device="cpu", precision="float32", copy=True)
+    half = scbert.tl.annotate(pbmc, finetuned, unknown_threshold=0.0, device=device, precision="bfloat16", copy=True)
+    agree = (ref.obs["scbert"].astype(str) == half.obs["scbert"].astype(str)).mean()
+    assert agree >= 0.999, f"bf16 and float32 types agree on {agree:.2%} of {pbmc.n_obs} cells"
+    a = scbert.tl.embed(pbmc, finetuned, device="cpu", precision="float32", copy=True).obsm["X_scbert"]
+    b = scbert.tl.embed(pbmc, finetuned, device=device, precision="bfloat16", copy=True).obsm["X_scbert"]
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() >= 0.999, f"lowest per-cell cosine {cosine.min():.5f}"

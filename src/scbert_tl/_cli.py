@@ -87,12 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     _input_options(an)
     _common(an)
 
-    try:
-        from .tl._pretrain import add_pretrain_parser
-    except ImportError:  # pretraining not available in this build
-        pass
-    else:
-        _verbosity(add_pretrain_parser(sub))
+    from .tl._pretrain import add_pretrain_parser
+
+    _verbosity(add_pretrain_parser(sub))
     return parser
 
 
