@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import logging
@@ -19,7 +20,6 @@ from .._scbert import PRETRAINED, ScBERT
 from ..train._stream import SAMPLE, TokenSource, check_col_map, derive_rng, to_panel_csr
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Iterator, Sequence
 
     import torch
@@ -572,13 +572,21 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- command line
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show an option's default unless its help already names it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``scbert pretrain`` on an :mod:`argparse` sub-command set; the handler is :func:`run_pretrain_command`.
 
     The parser's defaults carry ``func=run_pretrain_command``, which returns the exit status.
     """
-    import argparse
-
     p = subparsers.add_parser(
         "pretrain",
         help="pretrain scBERT by masked expression modelling on .h5ad files",
@@ -587,7 +595,7 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
             "files without bins for the model are binned on the fly). Under torchrun every process trains on "
             "its own shard: torchrun --nproc_per_node 4 -m scbert_tl pretrain data/*.h5ad -o model"
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="H5AD", help=".h5ad files (one corpus)")
     p.add_argument("-o", "--output", required=True, help="directory to save the pretrained model in")
