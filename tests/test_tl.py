@@ -184,8 +184,19 @@ def test_annotate_needs_a_classifier(split, genes):
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-def test_cross_validation_folds_never_leak(pbmc, genes):
+def test_cross_validation_folds_never_leak(pbmc, genes, monkeypatch):
+    from scbert_tl.tl import _finetune
+
     adata = pbmc[::3].copy()
+    fits = []  # (training cells, validation cells) of every fine-tuning run
+    finetune = _finetune.finetune
+
+    def recording(ref, *args, **kwargs):
+        m = finetune(ref, *args, **{**kwargs, "split_key": "spy_split"})
+        fits.append((set(ref.obs_names), set(ref.obs_names[ref.obs["spy_split"] == "validation"])))
+        return m
+
+    monkeypatch.setattr(_finetune, "finetune", recording)
     frame = scbert.tl.cross_validate(
         adata,
         "cell_type",
@@ -195,6 +206,11 @@ def test_cross_validation_folds_never_leak(pbmc, genes):
     )
     folds = adata.uns["scbert_cv"]["folds"][0]
     assert set(folds) == {0, 1, 2}  # every cell is tested exactly once
+    assert len(fits) == 3
+    for fold, (train, validation) in enumerate(fits):
+        test = set(adata.obs_names[folds == fold])
+        assert not train & test and train | test == set(adata.obs_names)  # no cell in both
+        assert validation and validation < train  # model selection only on training cells
     assert set(frame["method"]) == {"scbert", "l1_logistic"} and len(frame) == 6
     assert (frame["n_train"] + frame["n_test"] == adata.n_obs).all()
     confusion = adata.uns["scbert_cv"]["confusion"]["scbert"]
@@ -217,7 +233,7 @@ def test_cross_validation_folds_never_leak(pbmc, genes):
 
 
 def test_scores_equal_scikit_learn():
-    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
     from scbert_tl.tl._evaluate import scores
 
@@ -226,7 +242,13 @@ def test_scores_equal_scikit_learn():
     s = scores(truth, pred, ["a", "b", "c", "d"])
     assert s["accuracy"] == accuracy_score(truth, pred)
     assert s["macro_f1"] == pytest.approx(f1_score(truth, pred, average="macro"))
-    assert s["per_class_f1"]["b"] == pytest.approx(f1_score(truth, pred, labels=["b"], average=None)[0])
+    per_class = f1_score(truth, pred, labels=["a", "b", "c", "d"], average=None)
+    assert list(s["per_class_f1"].values()) == pytest.approx(list(per_class))
+    np.testing.assert_array_equal(s["confusion"], confusion_matrix(truth, pred, labels=["a", "b", "c", "d"]))
+    # a training type absent from the test cells and never predicted counts as F1 0 in the macro average
+    s = scores(truth, pred, ["a", "b", "c", "d", "e"])
+    assert s["per_class_f1"]["e"] == 0
+    assert s["macro_f1"] == pytest.approx(f1_score(truth, pred, labels=list("abcde"), average="macro", zero_division=0))
 
 
 # ------------------------------------------------------------------------------------------ shell

@@ -1,4 +1,4 @@
-"""The ``scbert`` shell command: demo, finetune, annotate, pretrain."""
+"""The ``scbert`` shell command: demo, finetune, annotate, pretrain, benchmark."""
 
 from __future__ import annotations
 
@@ -87,8 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     _input_options(an)
     _common(an)
 
+    from ._benchmark import add_benchmark_parser
     from .tl._pretrain import add_pretrain_parser
 
+    bench = add_benchmark_parser(sub)
+    _input_options(bench)
+    _common(bench)
     _verbosity(add_pretrain_parser(sub))
     return parser
 
@@ -167,12 +171,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from ._benchmark import run_benchmark_command
+
+    return run_benchmark_command(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scbert`` command; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup(args)
-    handlers = {"demo": _demo, "finetune": _finetune, "annotate": _annotate}
+    handlers = {"demo": _demo, "finetune": _finetune, "annotate": _annotate, "benchmark": _benchmark}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

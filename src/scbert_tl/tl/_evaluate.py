@@ -1,10 +1,12 @@
-"""``scbert.tl.cross_validate``: stratified cross-validation of scBERT beside baselines on the same folds."""
+"""What every evaluation protocol shares: labelled data, stratified folds, the methods compared, scores, the record."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +16,7 @@ from .._settings import settings
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from anndata import AnnData
 
@@ -22,7 +24,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("l1_logistic",)
+#: Baselines the protocols can run beside scBERT (``"celltypist"`` needs the optional ``celltypist`` package).
+BASELINES = ("l1_logistic", "celltypist")
+#: Finetune arguments that choose the input (also used for the baselines' log-normalised expression).
+INPUT_KEYS = ("gene_key", "layer", "use_raw")
 
 
 def scores(truth: Sequence[str], prediction: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
@@ -57,86 +62,210 @@ def log_normalised(adata: AnnData, **input_params: Any) -> Any:
     return tmp.X
 
 
-def l1_logistic(train_x: Any, train_y: Sequence[str], test_x: Any, *, seed: int = 0) -> np.ndarray:
-    """Predictions of L1 logistic regression (``C=1``, saga), the baseline of the published re-evaluations."""
+# ------------------------------------------------------------------------------------------ methods
+@dataclass
+class Prediction:
+    """A method's most likely type per test cell, its own confidence in it, and the seconds it took."""
+
+    labels: np.ndarray
+    confidence: np.ndarray
+    seconds: float
+
+
+def _l1_model(seed: int) -> Any:
     import sklearn
-    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
     # scikit-learn 1.8 deprecated penalty= in favour of l1_ratio= (1 = the L1 penalty)
     major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
     penalty = {"l1_ratio": 1.0} if (major, minor) >= (1, 8) else {"penalty": "l1"}
-    clf = LogisticRegression(solver="saga", C=1.0, random_state=seed, **penalty)
+    return LogisticRegression(solver="saga", C=1.0, random_state=seed, **penalty)
+
+
+def _fit_l1(train_x: Any, train_y: Sequence[str], seed: int) -> Any:
+    from sklearn.exceptions import ConvergenceWarning
+
+    clf = _l1_model(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(train_x, np.asarray(train_y, dtype=str))
-    return clf.predict(test_x)
+    return clf
 
 
-def cross_validate(
+def l1_logistic(train_x: Any, train_y: Sequence[str], test_x: Any, *, seed: int = 0) -> np.ndarray:
+    """Predictions of L1 logistic regression (``C=1``, saga), the baseline of the published re-evaluations."""
+    return _fit_l1(train_x, train_y, seed).predict(test_x)
+
+
+def celltypist_available() -> bool:
+    """Whether the optional ``celltypist`` package can be imported."""
+    return importlib.util.find_spec("celltypist") is not None
+
+
+def resolve_baselines(baselines: Sequence[str]) -> list[str]:
+    """Checked baseline names; CellTypist is skipped, with a logged message, when it is not installed."""
+    if isinstance(baselines, str):
+        baselines = [baselines]
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"Unknown baselines {unknown}; available: {list(BASELINES)}.")
+    out = list(dict.fromkeys(baselines))
+    if "celltypist" in out and not celltypist_available():
+        logger.warning(
+            "The celltypist baseline is skipped: the optional package is not installed "
+            "(pip install 'scbert-tl[benchmark]' or pip install celltypist)."
+        )
+        out.remove("celltypist")
+    return out
+
+
+def _celltypist(
+    train_x: Any, train_y: np.ndarray, test_x: Any, genes: Sequence[str], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predictions of CellTypist trained on the training cells only.
+
+    CellTypist fits one-vs-rest logistic regression on scaled log-normalised expression, here by
+    stochastic gradient descent (its ``use_SGD`` mode). The confidence is CellTypist's own probability of the predicted type (its ``"best match"`` mode).
+    """
+    import contextlib
+    import io
+
+    import anndata as ad
+    import celltypist
+
+    genes = np.asarray(genes, dtype=str)
+    train = ad.AnnData(train_x, obs=pd.DataFrame({"label": train_y}, index=map(str, range(train_x.shape[0]))))
+    train.var_names = genes
+    test = ad.AnnData(test_x, obs=pd.DataFrame(index=map(str, range(test_x.shape[0]))))
+    test.var_names = genes
+    # CellTypist's stochastic-gradient mode: its default solver passes an option scikit-learn 1.8 removed
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = celltypist.train(
+            train, labels="label", use_SGD=True, n_jobs=1, check_expression=False, random_state=seed
+        )
+        result = celltypist.annotate(test, model=model, majority_voting=False)
+    labels = result.predicted_labels["predicted_labels"].astype(str).to_numpy()
+    probs = result.probability_matrix
+    confidence = probs.to_numpy()[np.arange(len(labels)), probs.columns.get_indexer(labels)]
+    return labels, confidence.astype(np.float64)
+
+
+def predict(
+    method: str,
+    ref: AnnData,
+    query: AnnData,
+    label_key: str,
+    *,
+    ref_x: Any = None,
+    query_x: Any = None,
+    genes: Sequence[str] | None = None,
+    model: str | os.PathLike | ScBERT = "compact",
+    validation: float = 0.1,
+    finetune_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> Prediction:
+    """Train ``method`` on ``ref`` (labelled) and predict ``query``; nothing of the query is used for training.
+
+    scBERT is fine-tuned on ``ref`` (its validation cells drawn from ``ref``) and annotates ``query``
+    without ``"unknown"`` calls. The baselines use the log-normalised ``ref_x`` / ``query_x`` (same
+    genes, ``genes``).
+    """
+    t0 = time.perf_counter()
+    truth = ref.obs[label_key].astype(str).to_numpy()
+    if method == "scbert":
+        from ._annotate import annotate
+        from ._finetune import finetune
+
+        m = finetune(
+            ref, label_key, model=model, validation=validation, rng=seed, split_key=None, **(finetune_kwargs or {})
+        )
+        kwargs = {k: v for k, v in (finetune_kwargs or {}).items() if k in INPUT_KEYS}
+        annotate(query, m, unknown_threshold=0.0, key_added="scbert_eval_prediction", **kwargs)
+        labels = query.obs["scbert_eval_prediction"].astype(str).to_numpy()
+        confidence = query.obs["scbert_eval_prediction_confidence"].to_numpy(dtype=np.float64)
+    elif method == "l1_logistic":
+        clf = _fit_l1(ref_x, truth, seed)
+        probs = clf.predict_proba(query_x)
+        labels = np.asarray(clf.classes_, dtype=str)[probs.argmax(1)]
+        confidence = probs.max(1)
+    elif method == "celltypist":
+        labels, confidence = _celltypist(ref_x, truth, query_x, genes, seed)
+    else:
+        raise ValueError(f"Unknown method {method!r}; available: {['scbert', *BASELINES]}.")
+    return Prediction(labels, confidence, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------ data and folds
+@dataclass
+class Labelled:
+    """Labelled cells checked once for every protocol, with the baselines' input made once."""
+
+    adata: AnnData
+    label_key: str
+    labels: np.ndarray
+    classes: list[str]
+    finetune_kwargs: dict[str, Any]
+    baselines: list[str]
+    lognorm: Any = None
+    genes: list[str] = field(default_factory=list)
+
+    def run(
+        self,
+        method: str,
+        train: np.ndarray,
+        test: np.ndarray,
+        *,
+        model: str | os.PathLike | ScBERT,
+        validation: float,
+        seed: int,
+        ref: AnnData | None = None,
+    ) -> Prediction:
+        """Train on rows ``train`` and predict rows ``test`` (``ref``: the training cells, if already subset)."""
+        if np.intersect1d(train, test).size:  # no protocol builds this; never let it pass
+            raise RuntimeError("A cell is in both the training and the test cells.")
+        is_scbert = method == "scbert"
+        return predict(
+            method,
+            (ref if ref is not None else self.adata[train].copy()) if is_scbert else self.adata[train],
+            self.adata[test].copy() if is_scbert else self.adata[test],
+            self.label_key,
+            ref_x=None if is_scbert else self.lognorm[train],
+            query_x=None if is_scbert else self.lognorm[test],
+            genes=self.genes,
+            model=model,
+            validation=validation,
+            finetune_kwargs=self.finetune_kwargs,
+            seed=seed,
+        )
+
+    @property
+    def methods(self) -> list[str]:
+        """The methods compared: scBERT first, then the baselines."""
+        return ["scbert", *self.baselines]
+
+
+def gene_ids(adata: AnnData, gene_key: str | None = None) -> list[str]:
+    """The gene identifiers the baselines use: ``adata.var[gene_key]`` or the var names."""
+    return list(map(str, adata.var_names if gene_key is None else adata.var[gene_key]))
+
+
+def labelled(
     adata: AnnData,
     label_key: str,
     *,
-    model: str | os.PathLike | ScBERT = "compact",
-    n_splits: int = 5,
-    n_repeats: int = 1,
-    baselines: Sequence[str] = BASELINES,
-    validation: float = 0.1,
-    finetune_kwargs: dict[str, Any] | None = None,
-    folds: Sequence[int] | None = None,
-    rng: int = 0,
-    key_added: str = "scbert_cv",
-) -> pd.DataFrame:
-    """Stratified k-fold cross-validation of scBERT fine-tuning, with baselines on exactly the same folds.
+    baselines: Sequence[str],
+    finetune_kwargs: dict[str, Any] | None,
+    baseline_input: bool = True,
+) -> Labelled:
+    """Check the labels and the input, and make the baselines' log-normalised expression (when there are baselines).
 
-    In every fold the model is fine-tuned on the training folds only; its validation cells (for
-    epoch selection and early stopping) are drawn from those training folds, and the held-out
-    fold is touched only to score the final predictions (``"unknown"`` is not used: each test cell
-    gets its most likely type).
-
-    Parameters
-    ----------
-    adata
-        Labelled cells (raw counts or log-normalised).
-    label_key
-        Column of ``adata.obs`` with the cell types.
-    model
-        Starting point of :func:`~scbert_tl.tl.finetune` in every fold (default: a new compact model).
-    n_splits
-        Folds.
-    n_repeats
-        Repetitions with different fold assignments.
-    baselines
-        Baselines on the same folds: ``"l1_logistic"`` (L1 logistic regression on log-normalised
-        expression of all genes).
-    validation
-        Fraction of each training split held out for model selection.
-    finetune_kwargs
-        Further arguments of :func:`~scbert_tl.tl.finetune` (epochs, batch size, ...).
-    folds
-        Run only these folds (of every repeat), e.g. to spread one cross-validation over several
-        processes; the fold assignment does not change. Default: all.
-    rng
-        Seed of the folds (repeat ``r`` uses ``rng + r``) and of the training.
-    key_added
-        Key in ``adata.uns`` for the results.
-
-    Returns
-    -------
-    A tidy frame, one row per method, repeat and fold: ``accuracy``, ``macro_f1``, ``f1:<type>`` per
-    type, cell counts and seconds. Also written to ``adata.uns[key_added]`` with ``"summary"`` (mean
-    and sd per method), ``"confusion"`` (summed over folds, per method), ``"folds"`` (each cell's test
-    fold per repeat) and ``"params"``.
+    ``baseline_input=False``: leave the expression to the caller.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from ..pp._bin import input_params
 
-    from . import annotate, finetune
-
-    unknown = set(baselines) - set(BASELINES)
-    if unknown:
-        raise ValueError(f"Unknown baselines {sorted(unknown)}; available: {list(BASELINES)}.")
     if label_key not in adata.obs:
-        raise KeyError(f"label_key={label_key!r} is not a column of adata.obs.")
+        raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")
     if not adata.obs_names.is_unique:
         raise ValueError("adata.obs_names must be unique (adata.obs_names_make_unique()) to keep folds apart.")
     labels = adata.obs[label_key]
@@ -145,81 +274,115 @@ def cross_validate(
             f"{int(labels.isna().sum())} cells have no label in adata.obs[{label_key!r}]; drop them first."
         )
     labels = labels.astype(str).to_numpy()
-    classes = sorted(set(labels))
     finetune_kwargs = dict(finetune_kwargs or {})
-    from ..pp._bin import input_params
+    for key in ("rng", "validation", "model", "split_key"):
+        if key in finetune_kwargs:
+            raise ValueError(f"finetune_kwargs may not set {key!r}: it is an argument of the protocol itself.")
+    baselines = resolve_baselines(baselines)
+    data = Labelled(adata, label_key, labels, sorted(set(labels)), finetune_kwargs, baselines)
+    if baselines and baseline_input:
+        params = input_params(adata, **{k: finetune_kwargs.get(k) for k in INPUT_KEYS if k in finetune_kwargs})
+        data.lognorm = log_normalised(adata, **params)
+        data.genes = gene_ids(adata, params.get("gene_key"))
+    return data
 
-    params = input_params(
-        adata, **{k: finetune_kwargs.get(k) for k in ("gene_key", "layer", "use_raw") if k in finetune_kwargs}
-    )
-    lognorm = log_normalised(adata, **params) if baselines else None
 
-    rows: list[dict[str, Any]] = []
-    confusion = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in ("scbert", *baselines)}
-    selected = None if folds is None else {int(f) for f in folds}
-    if selected is not None and not selected <= set(range(n_splits)):
+def fold_splits(labels: np.ndarray, n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified k-fold (shuffled, ``random_state=seed``): (training rows, test rows) per fold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    if isinstance(n_splits, bool) or not isinstance(n_splits, int | np.integer) or n_splits < 2:
+        raise ValueError(f"n_splits must be an integer of at least 2, got {n_splits!r}.")
+    smallest = pd.Series(labels).value_counts().min()
+    if smallest < n_splits:
+        logger.warning("The rarest type has %d cells, fewer than n_splits=%d: some folds test none", smallest, n_splits)
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the rare-type warning above says it once
+        return [(np.sort(tr), np.sort(te)) for tr, te in splitter.split(np.zeros(labels.size), labels)]
+
+
+def selected_folds(folds: Sequence[int] | None, n_splits: int) -> set[int] | None:
+    """The folds to run (None = all), checked."""
+    if folds is None:
+        return None
+    selected = {int(f) for f in ([folds] if isinstance(folds, int | np.integer) else folds)}
+    if not selected or not selected <= set(range(n_splits)):
         raise ValueError(f"folds must be between 0 and {n_splits - 1}, got {sorted(selected)}.")
-    folds = np.full((n_repeats, adata.n_obs), -1, dtype=np.int64)
+    return selected
+
+
+def iter_folds(
+    labels: np.ndarray, n_splits: int, n_repeats: int, seed: int, folds: Sequence[int] | None
+) -> Iterator[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]:
+    """``(repeat, fold, train, test, assignment)`` for the selected folds of every repeat (repeat ``r`` uses ``seed + r``).
+
+    ``assignment`` holds each cell's test fold in that repeat (the same whichever folds are selected).
+    """
+    selected = selected_folds(folds, n_splits)
     for repeat in range(n_repeats):
-        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=rng + repeat)
-        for fold, (train, test) in enumerate(splitter.split(np.zeros(labels.size), labels)):
-            folds[repeat, test] = fold
-            if selected is not None and fold not in selected:
-                continue
-            if np.intersect1d(train, test).size:  # cannot happen with StratifiedKFold; never let it pass
-                raise RuntimeError("A cell is in both the training and the test folds.")
-            logger.info(
-                "cross_validate: repeat %d, fold %d: %d training, %d test cells", repeat, fold, train.size, test.size
-            )
-            ref, query = adata[train].copy(), adata[test].copy()
-            t0 = time.perf_counter()
-            m = finetune(
-                ref, label_key, model=model, validation=validation, rng=rng + repeat, split_key=None, **finetune_kwargs
-            )
-            annotate(query, m, unknown_threshold=0.0, key_added="scbert_cv_prediction")
-            predicted = query.obs["scbert_cv_prediction"].astype(str).to_numpy()
-            results = {"scbert": (predicted, time.perf_counter() - t0)}
-            if "l1_logistic" in baselines:
-                t0 = time.perf_counter()
-                pred = l1_logistic(lognorm[train], labels[train], lognorm[test], seed=rng + repeat)
-                results["l1_logistic"] = (pred, time.perf_counter() - t0)
-            for method, (pred, seconds) in results.items():
-                s = scores(labels[test], pred, classes)
-                confusion[method] += s["confusion"]
-                rows.append(
-                    {
-                        "method": method,
-                        "repeat": repeat,
-                        "fold": fold,
-                        "n_train": int(train.size),
-                        "n_test": int(test.size),
-                        "accuracy": s["accuracy"],
-                        "macro_f1": s["macro_f1"],
-                        "seconds": seconds,
-                        **{f"f1:{c}": v for c, v in s["per_class_f1"].items()},
-                    }
-                )
-                logger.info("  %s: accuracy %.3f, macro F1 %.3f", method, s["accuracy"], s["macro_f1"])
-    frame = pd.DataFrame(rows)
-    summary = frame.groupby("method", sort=False)[["accuracy", "macro_f1"]].agg(["mean", "std"])
-    summary.columns = [f"{a}_{b}" for a, b in summary.columns]
-    adata.uns[key_added] = {
-        "results": frame,
-        "summary": summary.reset_index(),
-        "confusion": confusion,
-        "classes": classes,
-        "folds": folds,
-        "params": {
-            "label_key": label_key,
-            "model": model if isinstance(model, str) else type(model).__name__,
-            "n_splits": n_splits,
-            "n_repeats": n_repeats,
-            "folds": "all" if selected is None else sorted(selected),
-            "validation": validation,
-            "baselines": list(baselines),
-            "rng": rng,
-            "device": str(settings.resolve_device()),
-            **{k: v for k, v in finetune_kwargs.items() if isinstance(v, int | float | str | bool)},
-        },
+        splits = fold_splits(labels, n_splits, seed + repeat)
+        assignment = np.full(labels.size, -1, dtype=np.int64)
+        for fold, (_, test) in enumerate(splits):
+            assignment[test] = fold
+        for fold, (train, test) in enumerate(splits):
+            if selected is None or fold in selected:
+                yield repeat, fold, train, test, assignment
+
+
+def stratified_subsample(labels: np.ndarray, order: np.random.Generator | np.ndarray, fraction: float) -> np.ndarray:
+    """Positions of a stratified share of ``labels``: the first ``round(fraction * n)`` (at least one) of each type.
+
+    ``order`` is a permutation of the positions (or a generator to draw one); taking prefixes of the
+    same permutation makes the subsets of growing fractions nested.
+    """
+    if isinstance(order, np.random.Generator):
+        order = order.permutation(labels.size)
+    keep = []
+    for c in np.unique(labels):
+        rows = order[labels[order] == c]
+        keep.append(rows[: max(1, round(fraction * rows.size))])
+    return np.sort(np.concatenate(keep))
+
+
+# ------------------------------------------------------------------------------------------ scores and record
+def score_row(prediction: Prediction, truth: np.ndarray, classes: Sequence[str], **columns: Any) -> dict[str, Any]:
+    """One tidy row: the given columns, accuracy, macro F1, seconds and F1 per class (``f1:<type>``)."""
+    s = scores(truth, prediction.labels, classes)
+    return {
+        **columns,
+        "accuracy": s["accuracy"],
+        "macro_f1": s["macro_f1"],
+        "seconds": prediction.seconds,
+        **{f"f1:{c}": v for c, v in s["per_class_f1"].items()},
     }
-    return frame
+
+
+def summarise(
+    frame: pd.DataFrame, by: Sequence[str], metrics: Sequence[str] = ("accuracy", "macro_f1")
+) -> pd.DataFrame:
+    """Mean and standard deviation of the metrics per group, flat columns (``accuracy_mean``, ...)."""
+    summary = frame.groupby(list(by), sort=False)[list(metrics)].agg(["mean", "std"])
+    summary.columns = [f"{a}_{b}" for a, b in summary.columns]
+    return summary.reset_index()
+
+
+def base_params(data: Labelled, model: Any, rng: int, validation: float, **protocol: Any) -> dict[str, Any]:
+    """The ``uns[key]["params"]`` record: the protocol's own arguments, the seed, the methods and the finetune options."""
+    return {
+        "label_key": data.label_key,
+        "model": model if isinstance(model, str) else type(model).__name__,
+        **protocol,
+        "validation": validation,
+        "baselines": list(data.baselines),
+        "rng": rng,
+        "device": str(settings.resolve_device()),
+        **{k: v for k, v in data.finetune_kwargs.items() if isinstance(v, int | float | str | bool)},
+    }
+
+
+def store(adata: AnnData, key_added: str, frame: pd.DataFrame, params: dict[str, Any], **extra: Any) -> None:
+    """Write ``{"results": frame, **extra, "params": params}`` to ``adata.uns[key_added]``."""
+    if key_added in adata.uns:
+        logger.info("replacing adata.uns[%r]", key_added)
+    adata.uns[key_added] = {"results": frame, **extra, "params": params}

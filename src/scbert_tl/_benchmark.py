@@ -1,0 +1,329 @@
+"""The ``scbert benchmark`` command: run evaluation protocols and write a report folder (tables, figures, results)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import argparse
+
+    import pandas as pd
+    from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = {
+    "cv": "cross-validation",
+    "size": "reference-size curve",
+    "novel": "novel-type detection",
+    "imbalance": "class imbalance",
+    "transfer": "leave-one-dataset-out transfer",
+}
+
+
+def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
+    """The ``benchmark`` subcommand's arguments."""
+    bench = sub.add_parser(
+        "benchmark",
+        help="evaluate scBERT beside baselines on labelled .h5ad files and write a report",
+        description="Run evaluation protocols (scBERT fine-tuning beside L1 logistic regression and, when installed, "
+        "CellTypist, on the same folds) and write REPORT_DIR/report.md with tables, PNG figures, CSV tables and "
+        "results.json. Protocols: cv (stratified cross-validation), size (reference-size curve), novel "
+        "(leave-one-type-out novel-type detection), imbalance (large and rare types alternating), transfer "
+        "(leave-one-dataset-out; needs two or more files). All but transfer run on each file.",
+    )
+    bench.add_argument("inputs", type=Path, nargs="+", metavar="IN.h5ad")
+    bench.add_argument("--label-key", required=True, help="obs column with the cell types (in every file)")
+    bench.add_argument("--out", required=True, type=Path, metavar="REPORT_DIR", help="report folder")
+    bench.add_argument("--protocols", default="cv", help=f"comma-separated, from {','.join(PROTOCOLS)} (default: cv)")
+    bench.add_argument(
+        "--model",
+        default="compact",
+        help="'compact' (new CPU-sized model, default), 'scbert-panglao' (published weights) or a saved model",
+    )
+    bench.add_argument(
+        "--baselines",
+        default="l1_logistic,celltypist",
+        help="comma-separated, from l1_logistic,celltypist ('none' for none; celltypist is skipped when not installed)",
+    )
+    bench.add_argument("--n-splits", type=int, default=5, help="folds of the stratified split (default: 5)")
+    bench.add_argument(
+        "--folds", help="comma-separated folds to run (default: all for cv, the first for size, novel and imbalance)"
+    )
+    bench.add_argument("--fractions", default="0.1,0.3,0.6,0.9", help="size: shares of the training folds")
+    bench.add_argument(
+        "--leave-out",
+        action="append",
+        metavar="TYPE",
+        help="novel: a type to leave out (repeatable; default: every type)",
+    )
+    bench.add_argument(
+        "--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="novel: 'unknown' thresholds to sweep"
+    )
+    bench.add_argument(
+        "--types",
+        action="append",
+        metavar="TYPE",
+        help="imbalance: types in design order large, small, ... (repeatable)",
+    )
+    bench.add_argument("--ratio", type=float, default=100, help="imbalance: large-to-small ratio (default: 100)")
+    bench.add_argument("--epochs", type=int, default=10, help="maximum fine-tuning epochs (default: 10)")
+    bench.add_argument("--patience", type=int, default=3, help="epochs without validation improvement (default: 3)")
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--lr", type=float, help="peak learning rate (default: finetune's)")
+    bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty REPORT_DIR")
+    return bench
+
+
+def _list(text: str, cast: Any = str, what: str = "value") -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        return [cast(t) for t in items]
+    except ValueError:
+        raise ValueError(f"{what} must be a comma-separated list of numbers, got {text!r}.") from None
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} logical CPUs, {cpu}"
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("scbert-tl", "torch", "scanpy", "anndata", "scikit-learn", "numpy", "celltypist"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _markdown(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-flavoured markdown table."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float | np.floating):
+            return "" if np.isnan(v) else f"{v:.{digits}f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _mean_sd(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
+    """``mean ± sd`` strings per group (sd over folds; blank sd with one fold)."""
+    groups = frame.groupby(by, sort=False)[metrics]
+    mean, sd = groups.mean(), groups.std()
+    out = mean.copy().astype(object)
+    for m in metrics:
+        out[m] = [f"{a:.3f}" if np.isnan(b) else f"{a:.3f} ± {b:.3f}" for a, b in zip(mean[m], sd[m], strict=True)]
+    out.insert(0, "folds", groups.size())
+    return out.reset_index()
+
+
+def _load(path: Path, label_key: str) -> AnnData:
+    import anndata as ad
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    adata = ad.read_h5ad(path)
+    if label_key not in adata.obs:
+        raise KeyError(f"--label-key {label_key!r} is not a column of obs in {path}; columns are {list(adata.obs)}.")
+    return adata
+
+
+def _save(ax: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(ax.figure)
+
+
+def run_benchmark_command(args: argparse.Namespace) -> int:
+    """Run the protocols of ``scbert benchmark`` and write the report; returns the exit status."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from . import pl, tl
+
+    protocols = _list(args.protocols)
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown or not protocols:
+        raise ValueError(f"Unknown protocols {unknown or protocols}; choose from {','.join(PROTOCOLS)}.")
+    if "transfer" in protocols and len(args.inputs) < 2:
+        raise ValueError("The transfer protocol needs two or more input files (train on all but one, test on it).")
+    baselines = [] if args.baselines.strip().lower() == "none" else _list(args.baselines)
+    folds = None if args.folds is None else _list(args.folds, int, "--folds")
+    fractions = _list(args.fractions, float, "--fractions")
+    thresholds = _list(args.thresholds, float, "--thresholds")
+    out: Path = args.out
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to write into it.")
+    stems = [p.stem for p in args.inputs]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"The input files need different names (their stems name the report's sections): {stems}.")
+    datasets = {stem: _load(p, args.label_key) for stem, p in zip(stems, args.inputs, strict=True)}
+    out.mkdir(parents=True, exist_ok=True)
+    finetune_kwargs = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr}
+    for key in ("gene_key", "layer", "use_raw"):
+        if getattr(args, key, None) is not None:
+            finetune_kwargs[key] = getattr(args, key)
+    common = {
+        "model": args.model,
+        "baselines": baselines,
+        "validation": args.validation,
+        "finetune_kwargs": finetune_kwargs,
+        "rng": args.seed,
+    }
+    split = {"n_splits": args.n_splits}
+    one_fold = {"folds": (0,) if folds is None else folds}
+    report = [
+        "# scBERT benchmark",
+        "",
+        f"Command: `scbert {' '.join(args.argv)}`",
+        "",
+        f"Machine: {_machine()}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in _versions().items())
+        + f". Model: {args.model}; fine-tuning: {json.dumps({k: v for k, v in finetune_kwargs.items() if v is not None})}, "
+        f"validation share {args.validation}, seed {args.seed}.",
+    ]
+    results: dict[str, Any] = {
+        "command": ["scbert", *args.argv],
+        "machine": _machine(),
+        "versions": _versions(),
+        "results": {},
+    }
+
+    def record(name: str, adata: AnnData, key: str, seconds: float) -> pd.DataFrame:
+        frame = adata.uns[key]["results"]
+        frame.to_csv(out / f"{name}.csv", index=False)
+        params = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in adata.uns[key]["params"].items()}
+        results["results"][name] = {"params": params, "seconds": seconds, "rows": frame.to_dict(orient="records")}
+        logger.info("benchmark: %s done in %.0f s", name, seconds)
+        return frame
+
+    for stem, adata in datasets.items():
+        report += ["", f"## {stem} ({adata.n_obs} cells, {adata.obs[args.label_key].nunique()} types)"]
+        for protocol in [p for p in protocols if p != "transfer"]:
+            name = f"{stem}_{protocol}"
+            t0 = time.perf_counter()
+            report += ["", f"### {PROTOCOLS[protocol]}", ""]
+            if protocol == "cv":
+                tl.cross_validate(adata, args.label_key, folds=folds, key_added="bench_cv", **split, **common)
+                frame = record(name, adata, "bench_cv", time.perf_counter() - t0)
+                report += [
+                    _markdown(_mean_sd(frame, ["method"], ["accuracy", "macro_f1"])),
+                    "",
+                    "Per fold:",
+                    "",
+                    _markdown(frame[["method", "fold", "n_train", "n_test", "accuracy", "macro_f1", "seconds"]], 3),
+                ]
+                _save(pl.cross_validation(adata, key="bench_cv", show=False), out / f"{name}.png")
+            elif protocol == "size":
+                tl.reference_size_curve(
+                    adata, args.label_key, fractions=fractions, key_added="bench_size", **split, **one_fold, **common
+                )
+                frame = record(name, adata, "bench_size", time.perf_counter() - t0)
+                table = frame.groupby(["method", "fraction"], sort=False)[["n_train", "accuracy", "macro_f1"]].mean()
+                report += [_markdown(table.reset_index())]
+                _save(pl.reference_size_curve(adata, key="bench_size", show=False), out / f"{name}.png")
+            elif protocol == "novel":
+                tl.novel_type_detection(
+                    adata,
+                    args.label_key,
+                    leave_out=args.leave_out,
+                    thresholds=thresholds,
+                    key_added="bench_novel",
+                    **split,
+                    **one_fold,
+                    **common,
+                )
+                frame = record(name, adata, "bench_novel", time.perf_counter() - t0)
+                cols = ["novel_recall", "known_accuracy", "known_unknown"]
+                table = frame.groupby(["method", "left_out", "threshold"], sort=False)[cols].mean().reset_index()
+                report += [
+                    "novel_recall: share of the left-out type called 'unknown'; known_accuracy: share of known "
+                    "test cells given their true type ('unknown' counts as wrong).",
+                    "",
+                    _markdown(table),
+                ]
+                novel_as = adata.uns["bench_novel"]["novel_as"]
+                novel_as.to_csv(out / f"{name}_predicted_as.csv", index=False)
+                for method in frame["method"].unique():
+                    ax = pl.novel_type_detection(adata, key="bench_novel", methods=[method], show=False)
+                    ax.set_title(f"{method}; large dots: threshold 0.5", fontsize="small")
+                    _save(ax, out / f"{name}_{method}.png")
+            elif protocol == "imbalance":
+                tl.class_imbalance(
+                    adata,
+                    args.label_key,
+                    types=args.types,
+                    ratio=args.ratio,
+                    key_added="bench_imbalance",
+                    **split,
+                    **one_fold,
+                    **common,
+                )
+                frame = record(name, adata, "bench_imbalance", time.perf_counter() - t0)
+                info = adata.uns["bench_imbalance"]
+                f1 = [c for c in frame.columns if c.startswith("f1:")]
+                report += [
+                    "Training cells per type: "
+                    + ", ".join(
+                        f"{t} {n}" + (" (rare)" if t in info["rare"] else "") for t, n in info["design"].items()
+                    )
+                    + ".",
+                    "",
+                    _markdown(_mean_sd(frame, ["method"], ["accuracy", "macro_f1", *f1])),
+                ]
+                metrics = ["macro_f1", *(f"f1:{t}" for t in info["rare"])]
+                _save(
+                    pl.cross_validation(adata, key="bench_imbalance", metrics=metrics, show=False), out / f"{name}.png"
+                )
+    if "transfer" in protocols:
+        report += ["", "## leave-one-dataset-out transfer", ""]
+        t0 = time.perf_counter()
+        tl.dataset_transfer(datasets, args.label_key, key_added="bench_transfer", **common)
+        first = next(iter(datasets.values()))
+        frame = record("transfer", first, "bench_transfer", time.perf_counter() - t0)
+        report += [_markdown(frame[["method", "held_out", "n_train", "n_test", "n_unseen", "accuracy", "macro_f1"]])]
+        _save(pl.cross_validation(first, key="bench_transfer", show=False), out / "transfer.png")
+    report += [
+        "",
+        "Figures: the PNG files beside this report; every table is also a CSV file, and results.json holds "
+        "all rows with the parameters of each protocol.",
+    ]
+    (out / "report.md").write_text("\n".join(report) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json) + "\n")
+    print(f"Wrote the report to {out / 'report.md'}", file=sys.stdout)
+    return 0
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.ndarray | tuple | set):
+        return list(value)
+    return str(value)

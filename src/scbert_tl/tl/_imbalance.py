@@ -1,0 +1,160 @@
+"""``scbert.tl.class_imbalance``: the published imbalance design (large and rare types alternating), scaled to the data."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ._evaluate import base_params, iter_folds, labelled, score_row, store, summarise
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+
+    from .._scbert import ScBERT
+
+logger = logging.getLogger(__name__)
+
+
+def class_imbalance(
+    adata: AnnData,
+    label_key: str,
+    *,
+    types: Sequence[str] | None = None,
+    n_large: int | None = None,
+    n_small: int | None = None,
+    ratio: float = 100,
+    model: str | os.PathLike | ScBERT = "compact",
+    n_splits: int = 5,
+    folds: Sequence[int] | None = (0,),
+    baselines: Sequence[str] = ("l1_logistic",),
+    validation: float = 0.1,
+    finetune_kwargs: dict[str, Any] | None = None,
+    rng: int = 0,
+    key_added: str = "scbert_imbalance",
+) -> pd.DataFrame:
+    """Train on a few types, large and rare ones alternating, and score how well the rare ones are recognised.
+
+    The scBERT paper trained on four types with 10,000 / 100 / 10,000 / 100 cells. Here the first
+    and third of ``types`` get ``n_large`` training cells and the second and fourth ``n_small``
+    (drawn at random from the training folds of :func:`~scbert_tl.tl.cross_validate`'s split),
+    and every method is scored on all test-fold cells of these types. Watch the per-class F1 of
+    the rare types.
+
+    Parameters
+    ----------
+    adata
+        Labelled cells (raw counts or log-normalised).
+    label_key
+        Column of ``adata.obs`` with the cell types.
+    types
+        Types in design order (large, small, large, small, ...; any even or odd number of at least
+        two). Default: the four most abundant types.
+    n_large
+        Training cells of each large type. Default: as many as every large type has in every fold
+        run.
+    n_small
+        Training cells of each rare type. Default: ``n_large / ratio`` (at least one).
+    ratio
+        Large-to-small ratio used when ``n_small`` is not given (the paper's is 100).
+    model
+        Starting point of :func:`~scbert_tl.tl.finetune` (default: a new compact model).
+    n_splits
+        Folds of the split into training and test cells.
+    folds
+        The folds to run (default: the first only; ``None``: all).
+    baselines
+        ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
+    validation
+        Fraction of the training cells held out for model selection (stratified; a type of one
+        cell keeps it for training).
+    finetune_kwargs
+        Further arguments of :func:`~scbert_tl.tl.finetune`.
+    rng
+        Seed of the folds, of the drawn training cells and of the training.
+    key_added
+        Key in ``adata.uns`` for the results.
+
+    Returns
+    -------
+    A tidy frame, one row per method and fold: ``n_train``, ``n_test``, ``accuracy``, ``macro_f1``
+    (over the chosen types), ``f1:<type>`` per chosen type, seconds. Also written to
+    ``adata.uns[key_added]`` with ``"results"``, ``"summary"``, ``"design"`` (training cells per
+    type), ``"rare"`` (the rare types), ``"training_cells"`` (obs names per fold) and ``"params"``.
+    """
+    data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
+    counts = pd.Series(data.labels).value_counts()
+    if types is None:
+        types = list(counts.index[:4])
+    types = [str(t) for t in types]
+    missing = [t for t in types if t not in counts.index]
+    if missing:
+        raise KeyError(f"Types {missing} are not in adata.obs[{label_key!r}]; it has {sorted(counts.index)}.")
+    if len(types) < 2 or len(set(types)) != len(types):
+        raise ValueError(f"types must name at least two different cell types, got {types}.")
+    large, rare = types[0::2], types[1::2]
+    runs = list(iter_folds(data.labels, n_splits, 1, rng, folds))
+    available = {t: min(int((data.labels[train] == t).sum()) for _, _, train, _, _ in runs) for t in types}
+    if n_large is None:
+        n_large = min(available[t] for t in large)
+    if n_small is None:
+        n_small = max(1, round(n_large / ratio))
+    design = {t: int(n_large if t in large else n_small) for t in types}
+    short = {t: (n, available[t]) for t, n in design.items() if n > available[t] or n < 1}
+    if short:
+        raise ValueError(
+            "The design asks for more training cells than a type has in the training folds (or fewer than one): "
+            + ", ".join(f"{t}: {n} asked, {a} available" for t, (n, a) in short.items())
+            + "; pass smaller n_large / n_small."
+        )
+    logger.info("class_imbalance: training cells per type %s", design)
+    rows: list[dict[str, Any]] = []
+    training_cells: dict[str, np.ndarray] = {}
+    for _, fold, train, test, _ in runs:
+        draw = np.random.default_rng([rng, fold])
+        sub = np.sort(np.concatenate([draw.permutation(train[data.labels[train] == t])[: design[t]] for t in types]))
+        test = test[np.isin(data.labels[test], types)]
+        training_cells[str(fold)] = np.asarray(adata.obs_names[sub], dtype=str)
+        for method in data.methods:
+            pred = data.run(method, sub, test, model=model, validation=validation, seed=rng)
+            row = score_row(
+                pred, data.labels[test], types, method=method, fold=fold, n_train=int(sub.size), n_test=int(test.size)
+            )
+            rows.append(row)
+            logger.info(
+                "  %s: macro F1 %.3f, rare types' F1 %s",
+                method,
+                row["macro_f1"],
+                {t: round(row[f"f1:{t}"], 3) for t in rare},
+            )
+    frame = pd.DataFrame(rows)
+    params = base_params(
+        data,
+        model,
+        rng,
+        validation,
+        protocol="class_imbalance",
+        types=types,
+        n_large=int(n_large),
+        n_small=int(n_small),
+        ratio=ratio,
+        n_splits=n_splits,
+        folds="all" if folds is None else sorted(int(f) for f in folds),
+    )
+    metrics = ["accuracy", "macro_f1", *(f"f1:{t}" for t in types)]
+    store(
+        adata,
+        key_added,
+        frame,
+        params,
+        summary=summarise(frame, ["method"], metrics),
+        design=design,
+        rare=rare,
+        training_cells=training_cells,
+    )
+    return frame

@@ -1,0 +1,308 @@
+"""Evaluation protocols, their plots and ``scbert benchmark``, on a few real PBMC3k cells with a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+import scbert_tl as scbert
+from scbert_tl import ScBERT
+from scbert_tl._cli import main
+from scbert_tl.tl import _evaluate, _transfer
+
+TINY = {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "classifier_hidden": (32, 16), "classifier_dropout": 0.0}
+FAST = {"epochs": 1, "batch_size": 32}
+TYPES = ["B", "NK", "CD14+ Mono", "Naive CD4 T"]
+
+
+@pytest.fixture(scope="module")
+def cells(pbmc3k_path):
+    """16 cells of each of four PBMC3k types (raw counts), 60 highly variable genes as a tiny model's panel."""
+    adata = ad.read_h5ad(pbmc3k_path)
+    rng = np.random.default_rng(0)
+    keep = np.concatenate([rng.permutation(np.flatnonzero(adata.obs["cell_type"] == t))[:16] for t in TYPES])
+    adata = adata[np.sort(keep)].copy()
+    sc.pp.filter_genes(adata, min_cells=3)
+    tmp = adata.copy()
+    sc.pp.normalize_total(tmp)
+    sc.pp.log1p(tmp)
+    sc.pp.highly_variable_genes(tmp, n_top_genes=60, flavor="cell_ranger")
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    return adata, list(tmp.var_names[tmp.var["highly_variable"]])
+
+
+@pytest.fixture
+def data(cells):
+    return cells[0].copy()
+
+
+@pytest.fixture
+def model(cells):
+    return ScBERT.new(cells[1], seed=0, **TINY)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every training run of every method: (method, training obs names, test obs names, validation obs names)."""
+    from scbert_tl.tl import _finetune
+
+    seen = []
+    predict, finetune = _evaluate.predict, _finetune.finetune
+
+    def spy(method, ref, query, label_key, **kwargs):
+        if method == "scbert":  # record the validation cells finetune draws (from ref, the only data it gets)
+
+            def recording(adata, *args, **kw):
+                m = finetune(adata, *args, **{**kw, "split_key": "spy_split"})
+                seen.append(
+                    (
+                        method,
+                        set(adata.obs_names),
+                        set(query.obs_names),
+                        set(adata.obs_names[adata.obs["spy_split"] == "validation"]),
+                    )
+                )
+                return m
+
+            monkeypatch.setattr(_finetune, "finetune", recording)
+        else:
+            seen.append((method, set(ref.obs_names), set(query.obs_names), set()))
+        return predict(method, ref, query, label_key, **kwargs)
+
+    monkeypatch.setattr(_evaluate, "predict", spy)
+    monkeypatch.setattr(_transfer, "predict", spy)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------ shared pieces
+def test_stratified_subsamples_are_nested_and_proportional():
+    labels = np.array(["a"] * 50 + ["b"] * 20 + ["c"] * 3)
+    order = np.random.default_rng(0).permutation(labels.size)
+    subsets = [_evaluate.stratified_subsample(labels, order, f) for f in (0.1, 0.5, 1.0)]
+    for small, large in zip(subsets, subsets[1:], strict=False):
+        assert set(small) <= set(large)
+    counts = [pd.Series(labels[s]).value_counts().to_dict() for s in subsets]
+    assert counts[0] == {"a": 5, "b": 2, "c": 1}  # round(0.1 * n), at least one of each type
+    assert counts[1] == {"a": 25, "b": 10, "c": 2}
+    assert subsets[2].size == labels.size
+
+
+def test_folds_partition_the_cells_and_follow_the_seed():
+    labels = np.repeat(["a", "b", "c"], [30, 12, 6])
+    splits = _evaluate.fold_splits(labels, 3, seed=4)
+    tests = np.concatenate([te for _, te in splits])
+    assert np.array_equal(np.sort(tests), np.arange(labels.size))  # every cell tested exactly once
+    for train, test in splits:
+        assert np.intersect1d(train, test).size == 0 and train.size + test.size == labels.size
+        assert (labels[test] == "c").sum() == 2  # stratified
+    again = _evaluate.fold_splits(labels, 3, seed=4)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again, strict=True))
+    with pytest.raises(ValueError, match="n_splits"):
+        _evaluate.fold_splits(labels, 1, seed=0)
+
+
+def test_unknown_baselines_and_missing_celltypist(monkeypatch, caplog):
+    with pytest.raises(ValueError, match="Unknown baselines"):
+        _evaluate.resolve_baselines(["l1_logistic", "svm"])
+    monkeypatch.setattr(_evaluate, "celltypist_available", lambda: False)
+    with caplog.at_level("WARNING", logger="scbert_tl.tl._evaluate"):
+        assert _evaluate.resolve_baselines(["l1_logistic", "celltypist"]) == ["l1_logistic"]
+    assert "celltypist baseline is skipped" in caplog.text and "pip install" in caplog.text
+
+
+@pytest.mark.skipif(not _evaluate.celltypist_available(), reason="celltypist (optional) is not installed")
+def test_celltypist_baseline_on_the_same_folds(data, model, calls):
+    frame = scbert.tl.cross_validate(
+        data, "cell_type", model=model, n_splits=2, baselines=("celltypist",), finetune_kwargs=FAST
+    )
+    assert list(frame["method"]) == ["scbert", "celltypist"] * 2
+    by_fold = {}
+    for method, train, test, _ in calls:
+        by_fold.setdefault(frozenset(test), set()).add((method, frozenset(train)))
+    assert len(by_fold) == 2 and all(len({t for _, t in runs}) == 1 for runs in by_fold.values())  # same folds
+    assert (frame.query("method == 'celltypist'")["accuracy"] > 0.5).all()
+
+
+# ------------------------------------------------------------------------------------------ protocols
+def test_reference_size_subsets_are_nested_sized_and_stratified(data, model, calls, tmp_path):
+    fractions = (0.3, 1.0)
+    frame = scbert.tl.reference_size_curve(
+        data, "cell_type", fractions=fractions, model=model, n_splits=4, finetune_kwargs=FAST, rng=3
+    )
+    assert list(frame.columns[:5]) == ["method", "fold", "fraction", "n_train", "n_test"]
+    assert len(frame) == 2 * len(fractions) and set(frame["fold"]) == {0}
+    record = data.uns["scbert_size"]
+    assert record["params"]["rng"] == 3 and record["params"]["fractions"] == list(fractions)
+    train, test = _evaluate.fold_splits(data.obs["cell_type"].to_numpy(), 4, seed=3)[0]
+    train_names, test_names = set(data.obs_names[train]), set(data.obs_names[test])
+    subsets = [set(record["subsets"]["0"][f"{f:g}"]) for f in fractions]
+    assert subsets[0] < subsets[1] == train_names
+    per_type = pd.Series(data.obs["cell_type"].to_numpy()[train]).value_counts()
+    for f, subset in zip(fractions, subsets, strict=True):
+        counts = data.obs.loc[list(subset), "cell_type"].value_counts()
+        assert all(counts[t] == max(1, round(f * per_type[t])) for t in per_type.index)
+    for _, ref, query, validation in calls:
+        assert query == test_names and ref in subsets and not ref & query and validation <= ref
+    assert frame.groupby("fraction")["n_train"].first().tolist() == [len(s) for s in subsets]
+    data.write_h5ad(tmp_path / "size.h5ad")
+
+
+def test_class_imbalance_has_the_requested_design(data, model, calls, tmp_path):
+    types = ["CD14+ Mono", "B", "Naive CD4 T"]
+    frame = scbert.tl.class_imbalance(
+        data, "cell_type", types=types, n_large=9, n_small=2, model=model, n_splits=4, finetune_kwargs=FAST
+    )
+    record = data.uns["scbert_imbalance"]
+    assert record["design"] == {"CD14+ Mono": 9, "B": 2, "Naive CD4 T": 9} and record["rare"] == ["B"]
+    cells = record["training_cells"]["0"]
+    assert data.obs.loc[cells, "cell_type"].value_counts().to_dict() == record["design"]
+    assert [c for c in frame.columns if c.startswith("f1:")] == [f"f1:{t}" for t in types]
+    data.write_h5ad(tmp_path / "imbalance.h5ad")
+    for _, ref, query, _ in calls:
+        assert ref == set(cells) and not ref & query
+        assert set(data.obs.loc[list(query), "cell_type"]) == set(types)  # NK is in neither
+    with pytest.raises(ValueError, match="more training cells than a type has"):
+        scbert.tl.class_imbalance(data, "cell_type", types=types, n_large=500, model=model, finetune_kwargs=FAST)
+    with pytest.raises(KeyError, match="not in adata.obs"):
+        scbert.tl.class_imbalance(data, "cell_type", types=["B", "T rex"], model=model)
+
+
+def test_novel_type_never_in_training_and_recall_grows_with_the_threshold(data, model, calls, tmp_path):
+    thresholds = (0.0, 0.3, 0.5, 0.9, 1.0)
+    frame = scbert.tl.novel_type_detection(
+        data, "cell_type", leave_out="NK", thresholds=thresholds, model=model, n_splits=4, finetune_kwargs=FAST
+    )
+    nk = set(data.obs_names[data.obs["cell_type"] == "NK"])
+    assert len(calls) == 2
+    for _, ref, query, _ in calls:
+        assert not ref & nk and nk <= query and not ref & query
+    assert len(frame) == 2 * len(thresholds) and set(frame["left_out"]) == {"NK"}
+    assert (frame["n_novel"] == len(nk)).all()
+    for _, part in frame.groupby("method"):
+        part = part.sort_values("threshold")
+        assert part["novel_recall"].is_monotonic_increasing and part["known_accuracy"].is_monotonic_decreasing
+        zero, one = part.iloc[0], part.iloc[-1]
+        assert zero["novel_recall"] == 0 and zero["known_accuracy"] == zero["known_accuracy_forced"]
+        assert one["novel_recall"] == 1 and one["known_accuracy"] == 0  # confidence never exceeds 1
+    novel_as = data.uns["scbert_novel"]["novel_as"]
+    assert set(novel_as["predicted"]) <= {"B", "CD14+ Mono", "Naive CD4 T"}
+    assert novel_as.groupby("method")["n"].sum().eq(len(nk)).all()
+    data.write_h5ad(tmp_path / "novel.h5ad")  # the record is saved with the data
+    assert ad.read_h5ad(tmp_path / "novel.h5ad").uns["scbert_novel"]["params"]["leave_out"] == ["NK"]
+    with pytest.raises(KeyError, match="leave_out"):
+        scbert.tl.novel_type_detection(data, "cell_type", leave_out="T rex", model=model)
+
+
+def test_dataset_transfer_never_trains_on_the_held_out_dataset(data, model, calls):
+    parts = [data[i::3, :400].copy() for i in range(3)]
+    sc.pp.normalize_total(parts[1], target_sum=1e4)  # a log-normalised dataset beside raw counts
+    sc.pp.log1p(parts[1])
+    parts[2] = parts[2][:, 40:].copy()  # and one with fewer genes
+    frame = scbert.tl.dataset_transfer(parts, "cell_type", names=["a", "b", "c"], model=model, finetune_kwargs=FAST)
+    assert list(frame["held_out"]) == ["a", "a", "b", "b", "c", "c"]
+    assert (frame["n_train"] + frame["n_test"] == data.n_obs).all()
+    for (_, ref, query, _), held_out in zip(calls, frame["held_out"], strict=True):
+        assert all(not name.startswith(f"{held_out}:") for name in ref) and not ref & query
+    training = parts[0].uns["scbert_transfer"]["training"]
+    assert training["c"]["datasets"] == ["a", "b"] and training["a"]["n_genes"] == parts[2].n_vars
+    assert parts[2].uns["scbert_transfer"]["results"] is not None
+    with pytest.raises(ValueError, match="at least two datasets"):
+        scbert.tl.dataset_transfer(parts[:1], "cell_type", model=model)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _records(adata):
+    rows = [
+        {"method": m, "fold": f, "accuracy": a, "macro_f1": a - 0.1, "f1:B": a - 0.2}
+        for m, base in (("scbert", 0.8), ("l1_logistic", 0.9))
+        for f, a in enumerate([base, base - 0.05, base + 0.05])
+    ]
+    adata.uns["cv"] = {"results": pd.DataFrame(rows)}
+    size = [
+        {"method": m, "fold": 0, "fraction": fr, "n_train": int(100 * fr), "macro_f1": fr * s}
+        for m, s in (("scbert", 0.8), ("l1_logistic", 0.9))
+        for fr in (0.1, 0.5, 0.9)
+    ]
+    adata.uns["size"] = {"results": pd.DataFrame(size)}
+    novel = [
+        {
+            "method": "scbert",
+            "left_out": t,
+            "fold": 0,
+            "threshold": th,
+            "novel_recall": th,
+            "known_accuracy": 1 - th / 2,
+        }
+        for t in ("B", "NK")
+        for th in (0.3, 0.5, 0.7)
+    ]
+    adata.uns["novel"] = {"results": pd.DataFrame(novel)}
+
+
+def test_evaluation_plots_draw_the_results(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    adata = ad.AnnData(np.zeros((2, 2)))
+    _records(adata)
+    ax = scbert.pl.cross_validation(adata, key="cv", metrics=["accuracy", "f1:B"], show=False)
+    heights = sorted(round(p.get_height(), 3) for p in ax.patches)
+    assert heights == [0.6, 0.7, 0.8, 0.9]  # one bar per method and metric, at the mean over folds
+    assert sum(len(c.get_offsets()) for c in ax.collections) == 12  # a point per fold
+    ax.figure.savefig(tmp_path / "cv.png")
+    ax = scbert.pl.reference_size_curve(adata, key="size", show=False)
+    assert [line.get_label() for line in ax.lines] == ["scbert", "l1_logistic"]
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), [0.09, 0.45, 0.81])
+    np.testing.assert_array_equal(ax.lines[0].get_xdata(), [10, 50, 90])
+    ax.figure.savefig(tmp_path / "size.png")
+    ax = scbert.pl.novel_type_detection(adata, key="novel", show=False)
+    assert [line.get_label() for line in ax.lines] == ["B", "NK"]
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [0.85, 0.75, 0.65])
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.3, 0.5, 0.7])
+    ax.figure.savefig(tmp_path / "novel.png")
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("cv.png", "size.png", "novel.png"))
+    with pytest.raises(KeyError, match="run scbert.tl.cross_validate"):
+        scbert.pl.cross_validation(adata, key="nothing", show=False)
+    with pytest.raises(KeyError, match="Methods"):
+        scbert.pl.reference_size_curve(adata, key="size", methods=["svm"], show=False)
+
+
+# ------------------------------------------------------------------------------------------ shell
+def test_cli_benchmark_writes_a_report_and_fails_cleanly(data, model, tmp_path, capsys):
+    model.save(tmp_path / "tiny")
+    data.write_h5ad(tmp_path / "cells.h5ad")
+    out = tmp_path / "report"
+    argv = ["benchmark", str(tmp_path / "cells.h5ad"), "--label-key", "cell_type", "--out", str(out)]
+    options = ["--model", str(tmp_path / "tiny"), "--epochs", "1", "--n-splits", "2", "--baselines", "l1_logistic"]
+    assert main([*argv, *options, "--protocols", "cv,novel", "--leave-out", "B", "-q"]) == 0
+    report = (out / "report.md").read_text()
+    assert "### cross-validation" in report and "### novel-type detection" in report and "l1_logistic" in report
+    for name in ("cells_cv.png", "cells_cv.csv", "cells_novel.csv", "cells_novel_scbert.png", "results.json"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["results"]["cells_cv"]["rows"]) == 4 and "torch" in results["versions"]
+    assert pd.read_csv(out / "cells_novel.csv")["left_out"].eq("B").all()
+    capsys.readouterr()
+    # errors: a clear message and exit status 1
+    bad = [
+        ([*argv, *options], "exists and is not empty"),
+        ([*argv[:-1], str(tmp_path / "r2"), "--protocols", "cv,magic"], "Unknown protocols ['magic']"),
+        ([*argv[:-1], str(tmp_path / "r3"), "--protocols", "transfer"], "needs two or more input files"),
+        (
+            ["benchmark", str(tmp_path / "none.h5ad"), "--label-key", "x", "--out", str(tmp_path / "r4")],
+            "does not exist",
+        ),
+        ([*argv[:3], "kind", "--out", str(tmp_path / "r5")], "--label-key 'kind' is not a column"),
+        ([*argv[:-1], str(tmp_path / "r6"), "--folds", "0,a"], "--folds must be a comma-separated list"),
+    ]
+    for args, message in bad:
+        assert main([*args, "-q"]) == 1, message
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["benchmark", "--help"])
+    assert e.value.code == 0
