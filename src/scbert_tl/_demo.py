@@ -37,10 +37,9 @@ def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import scanpy as sc
 
-    from . import pl, tl
+    from . import tl
     from .tl._evaluate import l1_logistic, scores
     from .tl._finetune import stratified_split
 
@@ -72,22 +71,7 @@ def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0
     sc.tl.umap(query, random_state=seed)
     palette = dict(zip(data.obs["bulk_labels"].cat.categories, data.uns["bulk_labels_colors"], strict=True))
     palette["unknown"] = "#bbbbbb"
-    fig, axes = plt.subplots(1, 3, figsize=(20, 6), gridspec_kw={"width_ratios": [1, 1, 1.1]})
-    sc.pl.umap(
-        query,
-        color="bulk_labels",
-        ax=axes[0],
-        show=False,
-        title="true type",
-        legend_loc="on data",
-        legend_fontsize=6,
-        palette=palette,
-    )
-    sc.pl.umap(query, color="scbert", ax=axes[1], show=False, title="scBERT prediction", palette=palette)
-    pl.confusion(query, truth="bulk_labels", prediction="scbert", ax=axes[2], show=False)
-    fig.tight_layout()
-    fig.savefig(out / "demo.png", dpi=110)
-    plt.close(fig)
+    _figure(query, palette, out / "demo.png")
     query.write_h5ad(out / "annotated.h5ad")
     model.save(out / "model", overwrite=True)
 
@@ -109,3 +93,24 @@ def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0
     )
     print(f"Wrote {out / 'annotated.h5ad'}, {out / 'demo.png'}, {out / 'model'} in {result['seconds']:.0f} s")
     return result
+
+
+def _figure(query: Any, palette: dict[str, str], path: Path) -> None:
+    """UMAP of the embedding coloured by true type and by prediction (one legend), and the confusion matrix."""
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+
+    from . import pl
+
+    fig, axes = plt.subplot_mosaic(
+        [["truth", "prediction"], ["confusion", "confusion"]],
+        figsize=(10.5, 12),
+        height_ratios=[1, 1.1],
+        layout="constrained",
+    )
+    kwargs = {"show": False, "palette": palette, "size": 40, "frameon": False}
+    sc.pl.umap(query, color="bulk_labels", ax=axes["truth"], title="true type", legend_loc="none", **kwargs)
+    sc.pl.umap(query, color="scbert", ax=axes["prediction"], title="scBERT prediction", **kwargs)
+    pl.confusion(query, truth="bulk_labels", prediction="scbert", ax=axes["confusion"], show=False)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
