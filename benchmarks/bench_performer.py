@@ -201,12 +201,16 @@ def _machine(device: str) -> dict:
         "cpu": platform.processor() or platform.machine(),
     }
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        cpuinfo = []
+    for line in cpuinfo:
+        if line.startswith("model name"):
+            info["cpu"] = line.split(":", 1)[1].strip()
+        elif line.startswith("flags"):
+            # oneDNN's gain over MKL depends on the vector instructions: record whether AVX-512 is there
+            info["avx512"] = " avx512f" in line
+            break
     try:
         from importlib.metadata import version
 
@@ -290,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["BENCH_THREADS"] = str(args.threads)
     machine = _machine(args.device)
     peak, peak_note = _peak_flops(args, machine) if args.device == "cuda" else (None, "")
-    print(f"device: {machine.get('gpu', machine['cpu'])} | cpu: {machine['cpu']} x{machine['cpu_count']}")
+    print(
+        f"device: {machine.get('gpu', machine['cpu'])} | cpu: {machine['cpu']} x{machine['cpu_count']} | AVX-512 {machine.get('avx512')}"
+    )
     print(
         f"torch {machine['torch']} | threads {machine['threads']} | oneDNN {machine['onednn']} | "
         f"performer-pytorch {machine['performer_pytorch']} | load {os.getloadavg()[0]:.2f}"
