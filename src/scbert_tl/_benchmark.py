@@ -142,11 +142,9 @@ def _mean_sd(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataF
 
 
 def _load(path: Path, label_key: str) -> AnnData:
-    import anndata as ad
+    from ._cli import _read
 
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    adata = ad.read_h5ad(path)
+    adata = _read(path)
     if label_key not in adata.obs:
         raise KeyError(f"--label-key {label_key!r} is not a column of obs in {path}; columns are {list(adata.obs)}.")
     return adata
