@@ -250,9 +250,9 @@ def _measure(args: argparse.Namespace, torch) -> dict:
 
 
 def _machine(device: str) -> dict:
+    info = machine()  # first: it imports scbert_tl before torch, as our workers do
     import torch
 
-    info = machine()
     info["threads"] = int(os.environ.get("BENCH_THREADS") or info.get("auto_threads") or torch.get_num_threads())
     try:
         from importlib.metadata import version

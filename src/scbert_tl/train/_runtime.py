@@ -95,13 +95,18 @@ def available_cores() -> int:
 
 
 def _other_runnable() -> int:
-    """Runnable tasks on the machine other than this process's own threads (instantaneous, from ``/proc/loadavg``)."""
+    """Runnable threads on the machine outside this process, now (``/proc/loadavg`` less this process's own)."""
     text = _read("/proc/loadavg")
     try:
         running = int(text.split()[3].split("/")[0])
     except (AttributeError, IndexError, ValueError):
         return 0
-    return max(0, running - 1)
+    own = 0
+    with contextlib.suppress(OSError):
+        for task in Path("/proc/self/task").iterdir():
+            stat = _read(str(task / "stat")) or ""
+            own += stat.rpartition(")")[2].split()[:1] == ["R"]
+    return max(0, running - max(own, 1))
 
 
 def auto_threads() -> int:
