@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="scbert.settings.n_threads (default: 'auto')")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: finetune's default)")
     p.add_argument("--skip-l1", action="store_true", help="leave out L1 logistic regression")
-    p.add_argument("--timeout", type=float, default=900, help="seconds one mode may take (default: 900)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds one mode may take (default: 600)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

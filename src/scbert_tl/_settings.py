@@ -115,7 +115,8 @@ class ScBERTSettings:
         container CPU quota; ``OMP_NUM_THREADS``, when set, caps it), and a single thread when OpenMP
         threads spin while waiting (torch imported before scbert_tl without ``OMP_WAIT_POLICY=PASSIVE``)
         and other processes keep the cores busy. The count is set for the duration of each run and
-        restored afterwards; the chosen count is logged.
+        restored afterwards; the chosen count is logged. Results can differ in the last bits between
+        thread counts: set a number for runs that must agree bit for bit across machines.
         """
         return self._n_threads
 
