@@ -11,6 +11,11 @@ CPU, both configurations::
 
     python benchmarks/bench_performer.py --device cpu --config all --out results-cpu.json
 
+The full configuration's forward pass, on a quiet machine and beside one competing busy process, each
+throughput also as a fraction of the float32 GEMM roofline measured in the same run::
+
+    python benchmarks/bench_performer.py --config full --mode forward --contention both --out full.json
+
 CUDA (bf16 autocast for ours; model FLOP utilisation against an H100's dense bf16 peak)::
 
     python benchmarks/bench_performer.py --device cuda --config all --out results-cuda.json
