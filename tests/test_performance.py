@@ -20,17 +20,22 @@ from scbert_tl.train import auto_batch_size
 STABILIZERS = ["cell", "head", "batch"]
 
 
-@pytest.fixture(params=["head-products", "batched-products"])
+@pytest.fixture(params=["head-products", "batched-products", "cell-groups"])
 def small_chunks(request, monkeypatch):
-    """Force many chunks per cell, so the running key maximum and the chunk seams are exercised.
+    """Force several chunks per cell, so the running key maximum and the chunk seams are exercised.
 
-    Runs twice: with the per-(cell, head) oneDNN contractions forced on (where oneDNN exists), and off.
+    Runs three times: with the per-(cell, head) oneDNN products and contractions forced on (where
+    oneDNN exists), off, and with a budget that lets small cells go through the CPU path two at a time.
     """
+    if request.param == "cell-groups":
+        monkeypatch.setattr(favor, "CPU_CHUNK_ELEMENTS", 15_000)
+        return
     monkeypatch.setattr(favor, "CPU_CHUNK_ELEMENTS", 2_000)
     monkeypatch.setattr(favor, "CUDA_CHUNK_ELEMENTS", 2_000)
     per_head = request.param == "head-products"
     monkeypatch.setattr(favor, "ONEDNN_QUERY_PRODUCT", per_head)
     monkeypatch.setattr(favor, "ONEDNN_HEAD_PRODUCT_MIN_FLOPS", 0 if per_head else float("inf"))
+    monkeypatch.setattr(favor, "ONEDNN_CONTRACTION_MIN_FLOPS", 0 if per_head else float("inf"))
 
 
 def _plain(q, k, v, projection, mode):
@@ -81,6 +86,16 @@ def test_fused_attention_gradients_equal_plain(mode):
         grads.append(qkv.grad)
     scale = grads[0].abs().max().item()
     assert (grads[0] - grads[1]).abs().max().item() <= 1e-5 * scale
+
+
+def test_cpu_cell_groups_keep_one_cells_chunking(monkeypatch):
+    """Cells go together on CPU only with the rows one cell alone would have, so batch-mates never change a cell's chunks."""
+    monkeypatch.setattr(favor, "CPU_CHUNK_ELEMENTS", 15_000)
+    cpu = torch.device("cpu")
+    groups, rows = favor._cell_groups(5, 3, 16, 151, cpu)
+    assert rows == 151 and [g.stop - g.start for g in groups] == [2, 2, 1]
+    groups, rows = favor._cell_groups(5, 3, 37, 211, cpu)
+    assert rows == favor._chunk_rows(1, 3, 37, 211, cpu) < 211 and len(groups) == 5
 
 
 def test_fused_attention_gradcheck_double():

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, model, pl, pp, tl
-from ._scbert import ScBERT
-from ._settings import settings
+if "torch" not in sys.modules:
+    # before torch loads its OpenMP runtime: waiting threads sleep instead of spinning, which keeps
+    # several threads fast on a busy machine (see scbert_tl.train._runtime); a value already set wins
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import datasets, model, pl, pp, tl  # noqa: E402
+from ._scbert import ScBERT  # noqa: E402
+from ._settings import settings  # noqa: E402
 
 try:
     __version__ = version("scbert-tl")

@@ -1,4 +1,4 @@
-"""Package-wide settings: device, precision, batch size, workers, verbosity, cache directory."""
+"""Package-wide settings: device, precision, batch size, workers, threads, kernels, verbosity, cache directory."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ _PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
 
 
+def _env_flag(name: str, *, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    return value not in ("0", "false", "no", "off")
+
+
 class ScBERTSettings:
     """Settings for :mod:`scbert_tl`, available as ``scbert.settings``.
 
@@ -23,6 +30,9 @@ class ScBERTSettings:
         self._precision = "auto"
         self._batch_size: int | str = "auto"
         self._num_workers = 0
+        self._n_threads: int | str = "auto"
+        self._onednn = _env_flag("SCBERT_ONEDNN", default=True)
+        self._compile = _env_flag("SCBERT_COMPILE", default=False)
         self._verbosity = 2
         self._cachedir: Path | None = None
 
@@ -96,6 +106,51 @@ class ScBERTSettings:
             raise ValueError(f"settings.num_workers must be a non-negative integer, got {value!r}.")
         self._num_workers = value
 
+    # CPU threads and kernels ------------------------------------------------------------------------
+    @property
+    def n_threads(self) -> int | str:
+        """CPU threads of training and inference, ``"auto"`` (default) or a positive integer.
+
+        ``"auto"`` uses one thread per physical core this process may run on (its CPU affinity and any
+        container CPU quota; ``OMP_NUM_THREADS``, when set, caps it), and a single thread when OpenMP
+        threads spin while waiting (torch imported before scbert_tl without ``OMP_WAIT_POLICY=PASSIVE``)
+        and other processes keep the cores busy. The count is set for the duration of each run and
+        restored afterwards; the chosen count is logged. Results can differ in the last bits between
+        thread counts: set a number for runs that must agree bit for bit across machines.
+        """
+        return self._n_threads
+
+    @n_threads.setter
+    def n_threads(self, value: int | str) -> None:
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"settings.n_threads must be 'auto' or a positive integer, got {value!r}.")
+        self._n_threads = value
+
+    @property
+    def onednn(self) -> bool:
+        """Whether float32 CPU products may use oneDNN with packed weights (default: on; ``SCBERT_ONEDNN=0`` turns it off).
+
+        It is still only used where it is present and agrees with :func:`torch.nn.functional.linear`.
+        """
+        return self._onednn
+
+    @onednn.setter
+    def onednn(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"settings.onednn must be True or False, got {value!r}.")
+        self._onednn = value
+
+    @property
+    def compile(self) -> bool:
+        """Whether inference runs through ``torch.compile``'d encoder blocks (default: off; ``SCBERT_COMPILE=1`` turns it on)."""
+        return self._compile
+
+    @compile.setter
+    def compile(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"settings.compile must be True or False, got {value!r}.")
+        self._compile = value
+
     # verbosity ----------------------------------------------------------------------------------
     @property
     def verbosity(self) -> int:
@@ -132,7 +187,9 @@ class ScBERTSettings:
         self._cachedir = None if value is None else Path(value).expanduser()
 
     def __repr__(self) -> str:
-        fields = ("device", "precision", "batch_size", "num_workers", "verbosity", "cachedir")
+        fields = (
+            "device", "precision", "batch_size", "num_workers", "n_threads", "onednn", "compile", "verbosity", "cachedir",
+        )  # fmt: skip
         return "ScBERTSettings(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ")"
 
 

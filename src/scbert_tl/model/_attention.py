@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from ._favor import FEATURE_EPS, fused_linear, onednn_available
+from ._favor import FEATURE_EPS, _add_contractions, _contractions_pay, fused_linear, onednn_available
 
 if TYPE_CHECKING:
     from ._favor import FavorAttention
@@ -194,6 +194,7 @@ def _favor_with_column_sums(
 
     # keys: sum_j E_j [v_j, 1] with E_j = exp(k_j W - |k_j|^2/2 - stab), the stabiliser as a running maximum
     context = torch.zeros(b, h, m, d + 1, device=dev)
+    onednn = _contractions_pay(feats.packed is not None, rows, m, d + 1)
     stab = None
     kept: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     for r0 in range(0, n, rows):
@@ -209,7 +210,8 @@ def _favor_with_column_sums(
             stab = new
         e.sub_(feats.diag(kc)).sub_(stab).exp2_()
         v1 = torch.cat((_heads(v, r0, r1), torch.ones(b, h, r1 - r0, 1, device=dev)), dim=-1)
-        context.add_(torch.matmul(e.transpose(-1, -2), v1))
+        w = r1 - r0
+        _add_contractions(context.view(b * h, m, d + 1), e.view(b * h, w, m), v1.view(b * h, w, d + 1), onednn)
         if keep:
             kept.append((e, stab))
     # the features are E + eps: the eps rank-one term goes into the (small) contraction

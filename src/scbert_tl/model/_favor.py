@@ -21,19 +21,20 @@ Two implementations of the same function live here.
 On CPU in float32, the matrix products with a fixed right-hand side run through oneDNN (PyTorch's
 ``mkldnn`` operators with a pre-packed weight) when it is available and agrees with
 ``torch.nn.functional.linear``; where MKL does not use AVX-512 (AMD EPYC, for one) this is about twice
-as fast as the path ``torch.matmul`` takes. Set the environment variable ``SCBERT_ONEDNN=0`` to turn
-it off.
+as fast as the path ``torch.matmul`` takes. ``scbert.settings.onednn = False`` (or the environment
+variable ``SCBERT_ONEDNN=0``) turns it off.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .._settings import settings
 
 if TYPE_CHECKING:
     from ._config import KeyStabilizer
@@ -48,6 +49,11 @@ CUDA_CHUNK_ELEMENTS = 1 << 28
 #: batched MKL product; only when one such product is at least this many FLOPs (packing costs ~0.3 ms).
 ONEDNN_QUERY_PRODUCT = True
 ONEDNN_HEAD_PRODUCT_MIN_FLOPS = 1e8
+#: Whether the feature contractions ``sum_j E_j^T x_j`` (key context, and its gradient) use oneDNN per
+#: (cell, head) on CPU rather than MKL's batched product; only when one such product is at least this
+#: many FLOPs (no packing: the features are passed as a strided weight). About 1.7x MKL at the full
+#: configuration; no gain at the compact one's small products.
+ONEDNN_CONTRACTION_MIN_FLOPS = 1e7
 
 
 # oneDNN linear (CPU, float32) ------------------------------------------------------------------------------------
@@ -63,16 +69,16 @@ def _autocast_on(device_type: str) -> bool:
 
 
 def onednn_available() -> bool:
-    """Whether float32 CPU products may use oneDNN (probed once: present, enabled, and numerically right)."""
+    """Whether float32 CPU products may use oneDNN: ``settings.onednn``, and probed once: present and numerically right."""
     global _ONEDNN
+    if not settings.onednn:
+        return False
     if _ONEDNN is None:
         _ONEDNN = _probe_onednn()
     return _ONEDNN
 
 
 def _probe_onednn() -> bool:
-    if os.environ.get("SCBERT_ONEDNN", "1").strip().lower() in ("0", "false", "no", "off"):
-        return False
     try:
         if not torch.backends.mkldnn.is_available():
             return False
@@ -83,11 +89,14 @@ def _probe_onednn() -> bool:
             y = _onednn_linear(x, w, b)
             y_gelu = _onednn_linear(x, w, b, gelu=True)
             y_strided = _onednn_linear(x.transpose(0, 1), w, None)
+            # an unpacked, transposed weight (the feature contractions pass one)
+            y_plain = torch.ops.mkldnn._linear_pointwise(x[0].t(), x[1].t(), None, "none", [], "")
         expected = F.linear(x, w, b)
         return (
             torch.allclose(y, expected, atol=1e-5)
             and torch.allclose(y_gelu, F.gelu(expected), atol=1e-5)
             and torch.allclose(y_strided, F.linear(x.transpose(0, 1), w), atol=1e-5)
+            and torch.allclose(y_plain, x[0].t() @ x[1], atol=1e-5)
         )
     except Exception:  # noqa: BLE001 - any failure means "do not use it"
         return False
@@ -118,8 +127,20 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _onednn_weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad^T x`` for ``grad (rows, out)`` and ``x (rows, in)`` through oneDNN, the wider one as an unpacked weight.
+
+    These long, thin products run at about 1.3-2x MKL's AVX2 path on AVX-512 CPUs where MKL does not use
+    AVX-512 (packing a weight of a million rows would cost more than it saves).
+    """
+    lp = torch.ops.mkldnn._linear_pointwise
+    if grad.shape[1] >= x.shape[1]:
+        return lp(x.t(), grad.t(), None, "none", [], "").t().contiguous()
+    return lp(grad.t(), x.t(), None, "none", [], "")
+
+
 class _OneDNNLinear(torch.autograd.Function):
-    """Linear layer whose forward and input gradient run through oneDNN (CPU, float32)."""
+    """Linear layer whose forward, input gradient and weight gradient run through oneDNN (CPU, float32)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # noqa: D102
@@ -137,7 +158,7 @@ class _OneDNNLinear(torch.autograd.Function):
                 grad_x = _onednn_linear(grad, weight.t().contiguous(), None)
             flat = grad.reshape(-1, grad.shape[-1])
             if ctx.needs_input_grad[1]:
-                grad_w = flat.t() @ x.reshape(-1, x.shape[-1])
+                grad_w = _onednn_weight_grad(flat, x.reshape(-1, x.shape[-1]))
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_b = flat.sum(0)
         return grad_x, grad_w, grad_b
@@ -291,6 +312,24 @@ class _Projector:
         return gx.sub_(x * grad_e.sum(dim=-1, keepdim=True).mul_(self.grad_coef))
 
 
+def _add_contractions(acc: torch.Tensor, e: torch.Tensor, x: torch.Tensor, onednn: bool) -> None:
+    """``acc += e^T x`` per (cell, head): ``acc (cells x heads, m, c)``, features ``e (cells x heads, w, m)``, ``x (.., w, c)``.
+
+    With ``onednn`` each product runs as ``x^T e`` through oneDNN with ``e^T`` as an (unpacked, strided)
+    weight, then is added transposed.
+    """
+    if not onednn:
+        acc.baddbmm_(e.transpose(1, 2), x)
+        return
+    lp = torch.ops.mkldnn._linear_pointwise
+    for acc_j, e_j, x_j in zip(acc, e, x, strict=True):
+        acc_j.add_(lp(x_j.t(), e_j.t(), None, "none", [], "").t())
+
+
+def _contractions_pay(onednn: bool, rows: int, m: int, c: int) -> bool:
+    return onednn and 2.0 * rows * m * c >= ONEDNN_CONTRACTION_MIN_FLOPS
+
+
 def _head_products_pay(rows: int, k: int, n: int) -> bool:
     return ONEDNN_QUERY_PRODUCT and 2.0 * rows * k * n >= ONEDNN_HEAD_PRODUCT_MIN_FLOPS
 
@@ -327,15 +366,19 @@ def _chunk_rows(cells: int, heads: int, n_features: int, n: int, device: torch.d
     return max(1, min(n, budget // max(1, cells * heads * n_features)))
 
 
-def _cell_groups(b: int, device: torch.device) -> list[slice]:
-    """Cells processed together: on CPU one at a time, on CUDA the whole batch.
+def _cell_groups(b: int, h: int, m: int, n: int, device: torch.device) -> tuple[list[slice], int]:
+    """Cells processed together, and the positions of one chunk.
 
-    One at a time, the chunking (and so the rounding) of a cell does not depend on its batch-mates, and a
-    chunk stays cache-sized.
+    On CPU a chunk has the rows one cell would have within the budget, whatever the batch, so a cell's
+    chunking (and so its rounding) does not depend on its batch-mates; as many cells go together as fit
+    the budget with those rows: one at the full configuration, several for small models, whose per-cell
+    products are too small to run well one by one. On CUDA the whole batch goes at once.
     """
     if device.type == "cpu":
-        return [slice(i, i + 1) for i in range(b)]
-    return [slice(0, b)]
+        rows = _chunk_rows(1, h, m, n, device)
+        size = max(1, CPU_CHUNK_ELEMENTS // (h * m * rows))
+        return [slice(i, min(b, i + size)) for i in range(0, b, size)], rows
+    return [slice(0, b)], _chunk_rows(b, h, m, n, device)
 
 
 def _head_major(x: torch.Tensor, r0: int, r1: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -371,7 +414,7 @@ def _query_chunk(qc: torch.Tensor, proj: _Projector) -> torch.Tensor:
     return e.sub_(stab).exp2_()
 
 
-def _key_pass(k, v, proj: _Projector, mode: str):
+def _key_pass(k, v, proj: _Projector, mode: str, rows: int):
     """Key context ``sum_j E_j [v_j, 1]`` of the cells of ``k``, and ``sum_j [v_j, 1]``.
 
     ``E_j = exp(w.k_j - |k_j|^2 s^2/2 - stab)`` with the stabiliser taken as a running maximum: the
@@ -380,11 +423,11 @@ def _key_pass(k, v, proj: _Projector, mode: str):
     b, n, h, d = k.shape
     m = proj.forward_matrix.shape[0]
     dev = k.device
-    rows = _chunk_rows(b, h, m, n, dev)
     buf_k = torch.empty(b * h * rows * d, device=dev)
     buf_v = torch.empty(b * h * rows * (d + 1), device=dev)
     context = torch.zeros(b * h, m, d + 1, device=dev)
     v_sum = torch.zeros(b, h, 1, d + 1, device=dev)
+    onednn = _contractions_pay(proj.onednn, rows, m, d + 1)
     stab = None
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
@@ -400,16 +443,15 @@ def _key_pass(k, v, proj: _Projector, mode: str):
             stab = new
         e.sub_(diag.add_(stab)).exp2_()
         v1 = _with_ones(v, r0, r1, buf_v)
-        context.baddbmm_(e.view(b * h, w, m).transpose(1, 2), v1.view(b * h, w, d + 1))
+        _add_contractions(context, e.view(b * h, w, m), v1.view(b * h, w, d + 1), onednn)
         v_sum += v1.sum(dim=2, keepdim=True)
     return context.view(b, h, m, d + 1), stab, v_sum
 
 
-def _query_pass(q, proj: _Projector, context, out, den=None) -> None:
+def _query_pass(q, proj: _Projector, context, out, rows: int, den=None) -> None:
     """``out_i = (E_i + eps) [C, z]`` split as ``C-part / z-part``, written into ``out`` (and ``den``)."""
     b, n, h, d = q.shape
     m = proj.forward_matrix.shape[0]
-    rows = _chunk_rows(b, h, m, n, q.device)
     buf = torch.empty(b * h * rows * d, device=q.device)
     ctx_bh = context.reshape(b * h, m, d + 1)
     q_bias = context.sum(dim=2, keepdim=True).mul_(FEATURE_EPS).view(b * h, 1, d + 1)
@@ -439,11 +481,11 @@ def _favor_forward(q, k, v, projection, key_stabilizer, *, keep_denominator=Fals
     b, n, h, d = q.shape
     dev = q.device
     proj = _Projector(projection, d)
-    groups = _cell_groups(b, dev)
-    # with one cell per group, a batch-wide stabiliser is taken per cell first, then the partial sums
-    # are brought to the batch maximum
+    groups, rows = _cell_groups(b, h, proj.forward_matrix.shape[0], n, dev)
+    # with several groups, a batch-wide stabiliser is taken per cell first, then the partial sums are
+    # brought to the batch maximum
     mode = "cell" if key_stabilizer == "batch" and len(groups) > 1 else key_stabilizer
-    parts = [_key_pass(k[g], v[g], proj, mode) for g in groups]
+    parts = [_key_pass(k[g], v[g], proj, mode, rows) for g in groups]
     context = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     stab = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     v_sum = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
@@ -455,7 +497,7 @@ def _favor_forward(q, k, v, projection, key_stabilizer, *, keep_denominator=Fals
     out = torch.empty(b, n, h, d, device=dev)
     den = torch.empty(b, h, n, 1, device=dev) if keep_denominator else None
     for g in groups:
-        _query_pass(q[g], proj, context[g], out[g], None if den is None else den[g])
+        _query_pass(q[g], proj, context[g], out[g], rows, None if den is None else den[g])
     return out, context, stab, den
 
 
@@ -471,18 +513,18 @@ def _favor_backward(grad_out, q, k, v, projection, out, den, context, stab, grad
     b, n, h, d = q.shape
     proj = _Projector(projection, d)
     batch_stab = stab.shape[0] == 1 and b > 1
-    for g in _cell_groups(b, q.device):
+    groups, rows = _cell_groups(b, h, proj.forward_matrix.shape[0], n, q.device)
+    for g in groups:
         _backward_cells(
             grad_out[g], q[g], k[g], v[g], proj, out[g], den[g], context[g], stab if batch_stab else stab[g],
-            grad_q[g], grad_k[g], grad_v[g],
+            grad_q[g], grad_k[g], grad_v[g], rows,
         )  # fmt: skip
 
 
-def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, grad_k, grad_v):
+def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, grad_k, grad_v, rows):
     b, n, h, d = q.shape
     m = proj.forward_matrix.shape[0]
     dev = q.device
-    rows = _chunk_rows(b, h, m, n, dev)
     buf_in = torch.empty(b * h * rows * d, device=dev)
     buf_g = torch.empty(b * h * rows * (d + 1), device=dev)
     ctx_bh = context.reshape(b * h, m, d + 1)
@@ -490,6 +532,7 @@ def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, gr
 
     grad_context = torch.zeros(b * h, m, d + 1, device=dev)
     g_sum = torch.zeros(b, h, 1, d + 1, device=dev)
+    onednn = _contractions_pay(proj.onednn, rows, m, d + 1)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = r1 - r0
@@ -499,7 +542,7 @@ def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, gr
         torch.div(grad_out[:, r0:r1].transpose(1, 2), den[:, :, r0:r1], out=g1[..., :d])
         torch.linalg.vecdot(g1[..., :d], out[:, r0:r1].transpose(1, 2), out=g1[..., d]).neg_()
         g1_bh = g1.view(b * h, w, d + 1)
-        grad_context.baddbmm_(e.view(b * h, w, m).transpose(1, 2), g1_bh)
+        _add_contractions(grad_context, e.view(b * h, w, m), g1_bh, onednn)
         g_sum += g1.sum(dim=2, keepdim=True)
         grad_e = grad_e_of(g1_bh).view(b, h, w, m).mul_(e)
         grad_q[:, r0:r1].copy_(proj.input_grad(qc, grad_e).transpose(1, 2))

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from .._settings import settings
 from ._data import batch_indices
-from ._inference import autocast, flush_denormals, run_batches
+from ._inference import autocast, run_batches
+from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
     from ..model import ScBERTNetwork
@@ -176,7 +177,7 @@ def fit_classifier(
     )
     history: list[dict[str, float]] = []
     best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
-    with flush_denormals(device):
+    with cpu_runtime(device, desc="finetune"):
         bar = tqdm(total=o.epochs, desc="finetune", unit="epoch", disable=not settings.progress)
         for epoch in range(1, o.epochs + 1):
             t0 = time.perf_counter()

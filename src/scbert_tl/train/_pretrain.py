@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from .._settings import settings
 from ..model import FavorAttention
 from ._inference import auto_batch_size, autocast
+from ._runtime import cpu_runtime
 from ._stream import EVAL, HEAD, MASK, REDRAW, StreamPlan, derive_int, derive_rng
 
 if TYPE_CHECKING:
@@ -504,7 +505,7 @@ def pretrain_network(
     """
     args = dict(locals())
     del args["network"], args["sources"]
-    with distributed_context(device) as ctx:
+    with distributed_context(device) as ctx, cpu_runtime(_resolve_device(device, ctx), desc=desc):
         return _pretrain(network, sources, ctx=ctx, **args)
 
 
