@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, model, pl, pp, tl
+from . import _logging, datasets, model, pl, pp, tl
 from ._scbert import ScBERT
 from ._settings import settings
 
@@ -14,6 +13,6 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+_logging.install()  # INFO and WARNING reach the notebook or shell (settings.verbosity); see _logging
 
 __all__ = ["ScBERT", "datasets", "model", "pl", "pp", "settings", "tl", "__version__"]
