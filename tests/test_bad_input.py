@@ -371,6 +371,32 @@ def test_scaled_x_after_binning_is_refused_not_reused(rng):
     _assert_unchanged(adata, before)
 
 
+def test_refused_compute_options_write_nothing(rng):
+    adata = _adata(rng)
+    before = _snapshot(adata)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        scbert.tl.annotate(adata, _model(), batch_size=-5)
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"):
+        scbert.tl.embed(adata, _model(), device="tpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        scbert.tl.finetune(adata, "cell_type", model=_model(), precision="float8")
+    _assert_unchanged(adata, before)  # not even binned
+
+
+def test_min_genes_that_removes_every_cell(rng):
+    adata = _adata(rng)
+    before = _snapshot(adata)
+    with pytest.raises(ValueError, match="min_genes=5000 would remove every cell"):
+        scbert.pp.bin(adata, panel=GENES, aliases=None, min_genes=5000)
+    _assert_unchanged(adata, before)
+
+
+def test_missing_alias_table(rng, tmp_path):
+    adata = _adata(rng)
+    with pytest.raises(FileNotFoundError, match="HGNC table .*missing.tsv is not a file"):
+        scbert.pp.bin(adata, panel=GENES, aliases=tmp_path / "missing.tsv")
+
+
 def test_unchanged_or_subset_cells_are_not_binned_again(rng, caplog):
     adata = _adata(rng)
     model = _model()

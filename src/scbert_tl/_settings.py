@@ -49,7 +49,10 @@ class ScBERTSettings:
         device = self._device if device is None else str(device)
         if device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"Device {device!r} was requested but CUDA is not available; use device='cpu'.")
         return dev

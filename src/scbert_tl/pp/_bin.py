@@ -399,6 +399,8 @@ def bins_stale(info: Any, model: ScBERT, X: Any, var_names: Sequence[str], obs_n
         return "were made for another panel"
     if info.get("var_checksum") != panel_checksum([str(g) for g in var_names]):
         return "were made for other genes (the genes were subset or reordered since)"
+    if not isinstance(info.get("fingerprint"), dict):
+        return "were made by an earlier scbert-tl, which kept no fingerprint of their input"
     if not input_unchanged(info.get("fingerprint"), X, obs_names):
         return f"no longer match {info.get('input', 'the input')}: its values changed since scbert.pp.bin"
     return None
@@ -585,6 +587,11 @@ def bin(
     bar.close()
     bins = sp.vstack(chunks, format="csr", dtype=np.int8) if len(chunks) > 1 else chunks[0]
     n_expr = np.concatenate(n_genes_expr)
+    if min_genes is not None and (n_expr < min_genes).all():
+        raise ValueError(
+            f"min_genes={min_genes} would remove every cell (the most genes any cell expresses is {n_expr.max()}); "
+            "pass a lower min_genes, or None to only flag cells with fewer than 200."
+        )
 
     counts_fraction = float(panel_total / all_total) if all_total > 0 else 0.0
     coverage = {

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._settings import settings
 from ..pp._bin import input_params, tokens_for
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
+from ..train._inference import check_compute
 from ._resolve import resolve_model
 
 if TYPE_CHECKING:
@@ -196,6 +196,7 @@ def finetune(
     :func:`scbert_tl.pp.bin` when they were missing.
     """
     labels, classes = _labels(adata, label_key)
+    dev, dtype = check_compute(device, precision)  # before anything is written
     net_rng = np.random.default_rng(rng)
     train_rows, val_rows = _validation_rows(adata, labels, validation, net_rng)
     with torch.random.fork_rng(devices=[]):
@@ -223,8 +224,6 @@ def finetune(
         if m.classes != classes:  # a new head, unless the model already classifies exactly these types
             m.network.add_classifier(len(classes))
             m.classes = classes
-        dev = settings.resolve_device(device)
-        dtype = settings.resolve_dtype(dev, precision)
         history = fit_classifier(m.network, tokens, labels, train_rows, val_rows, options, device=dev, dtype=dtype)
     m.history = history
     selected = next((h for h in history if h["selected"]), history[-1])
