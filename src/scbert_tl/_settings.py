@@ -145,8 +145,8 @@ class ScBERTSettings:
         """A local HGNC complete-set table for gene alignment (``None``: the registry's copy, fetched once per process).
 
         For machines without internet: download ``hgnc_complete_set.txt`` from genenames.org elsewhere and
-        point this at it (or put it in :attr:`cachedir` as ``hgnc-complete-set``). Used by
-        :func:`scbert_tl.pp.bin` with ``aliases="hgnc"``.
+        point this at it (or put it in the :attr:`~scbert_tl._settings.ScBERTSettings.cachedir` as
+        ``hgnc-complete-set``). Used by :func:`scbert_tl.pp.bin` with ``aliases="hgnc"``.
         """
         return self._hgnc_path
 
