@@ -104,18 +104,17 @@ def _setup(args: argparse.Namespace) -> None:
 
 def _check_input(path: Path) -> None:
     """Refuse an input that is not an .h5ad file, naming it (before any work)."""
-    from ._scbert import HDF5_MAGIC
+    from ._scbert import is_hdf5
 
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; expected an .h5ad file (e.g. written by adata.write_h5ad).")
-    with path.open("rb") as fh:
-        if fh.read(8) != HDF5_MAGIC:
-            raise ValueError(
-                f"{path} is not an .h5ad file (not HDF5). Convert it first, e.g. with scanpy: "
-                "sc.read_10x_mtx(...), sc.read_csv(...) or anndata.read_zarr(...), then .write_h5ad('data.h5ad')."
-            )
+    if not is_hdf5(path):
+        raise ValueError(
+            f"{path} is not an .h5ad file (not HDF5). Convert it first, e.g. with scanpy: "
+            "sc.read_10x_mtx(...), sc.read_csv(...) or anndata.read_zarr(...), then .write_h5ad('data.h5ad')."
+        )
 
 
 def _read(path: Path):

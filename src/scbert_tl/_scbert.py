@@ -426,14 +426,18 @@ def _read_meta(cfg_file: Path) -> dict[str, Any]:
     return meta
 
 
-HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"  # the first bytes of an HDF5 (.h5ad) file
+def is_hdf5(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file (as an ``.h5ad`` is), by its signature."""
+    import h5py
+
+    return bool(h5py.is_hdf5(str(path)))
 
 
 def _check_torch_file(path: Path) -> None:
     """Refuse, with a plain message, a file that is not a torch checkpoint at all (text, an .h5ad, ...)."""
     with path.open("rb") as fh:
         head = fh.read(8)
-    if head.startswith(HDF5_MAGIC):
+    if is_hdf5(path):
         raise CheckpointError(
             f"{path} is an HDF5 file (an .h5ad?), not a model. Pass a model directory written by ScBERT.save "
             "(config.json + model.pt) or a .pth checkpoint; the data is the other argument."

@@ -362,7 +362,7 @@ def input_unchanged(fingerprint: Any, X: Any, obs_names: pd.Index) -> bool:
         return False  # other cells, and no unique names to find the recorded ones by
     present = np.flatnonzero(idx >= 0)
     if present.size == 0:
-        return False  # none of the recorded cells is left to check: bin again (the data is small)
+        return False  # none of the recorded cells is left to check: bin again (the subset is small)
     order = present[np.argsort(idx[present])]
     current = _row_hashes(_in_memory(X[idx[order]]))
     if current != list(np.asarray(fingerprint["rows"]).astype(str)[order]):
