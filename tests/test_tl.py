@@ -284,10 +284,12 @@ def test_plots_render(finetuned, split, tmp_path):
     _, query = split
     out = scbert.tl.annotate(query, finetuned, copy=True)
     ax = scbert.pl.confusion(out, truth="cell_type", prediction="scbert", show=False)
-    assert ax.get_ylabel() == "true (cell_type)"
-    assert [t.get_text() for t in ax.get_yticklabels()] == [
-        c for c in finetuned.classes if c in set(out.obs["cell_type"])
-    ]
+    assert ax.get_ylabel() == "true (cell_type), cells"
+    truth = [c for c in finetuned.classes if c in set(out.obs["cell_type"])]
+    counts = out.obs["cell_type"].astype(str).value_counts()
+    assert [t.get_text() for t in ax.get_yticklabels()] == [f"{c} ({counts[c]})" for c in truth]
+    columns = [t.get_text() for t in ax.get_xticklabels()]
+    assert columns[: len(truth)] == truth  # the diagonal is the diagonal
     ax.figure.savefig(tmp_path / "confusion.png")
     ax = scbert.pl.history(finetuned, show=False)
     assert ax.get_xlabel() == "epoch" and len(ax.lines) >= 2
@@ -304,12 +306,24 @@ def test_demo_data_is_not_scaled_x():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_bf16_agrees_with_float32_on_real_cells(finetuned, split, device):
-    """bf16 autocast: the same type for at least 99.9% of real cells, embeddings with cosine >= 0.999."""
-    _, pbmc = split  # 150 held-out cells (bf16 on a CPU without native bf16 is slow)
+    """bf16 autocast changes no class probability of a real cell by more than 0.02, embeddings keep cosine >= 0.999.
+
+    The claim is about probabilities, not about every argmax: a cell whose two best classes are
+    within bf16's rounding of each other may flip (on 2 threads one of 169 cells did, with a
+    float32 margin of 0.005, while the largest change of any probability was 0.005). A real bf16
+    fault (a wrong cast, an overflow, float16 range) moves probabilities by far more than 0.02.
+    """
+    _, pbmc = split  # 169 held-out cells (bf16 on a CPU without native bf16 is slow)
     ref = scbert.tl.annotate(pbmc, finetuned, unknown_threshold=0.0, device="cpu", precision="float32", copy=True)
     half = scbert.tl.annotate(pbmc, finetuned, unknown_threshold=0.0, device=device, precision="bfloat16", copy=True)
-    agree = (ref.obs["scbert"].astype(str) == half.obs["scbert"].astype(str)).mean()
-    assert agree >= 0.999, f"bf16 and float32 types agree on {agree:.2%} of {pbmc.n_obs} cells"
+    p32, p16 = ref.obsm["scbert_probabilities"], half.obsm["scbert_probabilities"]
+    change = np.abs(p32 - p16).max(1)  # per cell, the largest change of any class probability
+    assert change.max() <= 0.02, f"bf16 moved a probability by {change.max():.4f} (median {np.median(change):.4f})"
+    top2 = np.sort(p32, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.04  # cells whose call a change of <= 0.02 per class cannot flip
+    assert clear.mean() > 0.8  # the check below covers most cells
+    same = ref.obs["scbert"].astype(str).to_numpy() == half.obs["scbert"].astype(str).to_numpy()
+    assert same[clear].all(), f"bf16 changed the type of {int((~same[clear]).sum())} clearly called cells"
     a = scbert.tl.embed(pbmc, finetuned, device="cpu", precision="float32", copy=True).obsm["X_scbert"]
     b = scbert.tl.embed(pbmc, finetuned, device=device, precision="bfloat16", copy=True).obsm["X_scbert"]
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

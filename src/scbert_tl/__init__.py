@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -12,7 +11,7 @@ if "torch" not in sys.modules:
     # several threads fast on a busy machine (see scbert_tl.train._runtime); a value already set wins
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import datasets, model, pl, pp, tl  # noqa: E402
+from . import _logging, datasets, model, pl, pp, tl  # noqa: E402
 from ._scbert import ScBERT  # noqa: E402
 from ._settings import settings  # noqa: E402
 
@@ -21,6 +20,6 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+unknown"
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+_logging.install()  # INFO and WARNING reach the notebook or shell (settings.verbosity); see _logging
 
 __all__ = ["ScBERT", "datasets", "model", "pl", "pp", "settings", "tl", "__version__"]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
-
-logger = logging.getLogger("scbert_tl")
 
 
 def _input_options(parser: argparse.ArgumentParser) -> None:
@@ -100,28 +97,52 @@ def _parser() -> argparse.ArgumentParser:
 def _setup(args: argparse.Namespace) -> None:
     from . import settings
 
-    settings.verbosity = 3 if args.verbose else 0 if args.quiet else 2
-    if not logging.getLogger().handlers and not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-        logger.addHandler(handler)
+    settings.verbosity = 3 if args.verbose else 0 if args.quiet else 2  # messages go to stderr (see _logging)
     if getattr(args, "device", None):
         settings.device = args.device
+
+
+def _check_input(path: Path) -> None:
+    """Refuse an input that is not an .h5ad file, naming it (before any work)."""
+    from ._scbert import is_hdf5
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected an .h5ad file (e.g. written by adata.write_h5ad).")
+    if not is_hdf5(path):
+        raise ValueError(
+            f"{path} is not an .h5ad file (not HDF5). Convert it first, e.g. with scanpy: "
+            "sc.read_10x_mtx(...), sc.read_csv(...) or anndata.read_zarr(...), then .write_h5ad('data.h5ad')."
+        )
 
 
 def _read(path: Path):
     import anndata as ad
 
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    return ad.read_h5ad(path)
+    _check_input(path)
+    try:
+        return ad.read_h5ad(path)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} could not be read as an .h5ad file ({type(e).__name__}: {e}).") from e
+
+
+def check_output_file(path: Path, *, overwrite: bool) -> None:
+    """Raise before any work when ``path`` cannot receive an output file."""
+    from ._scbert import check_writable
+
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; --out takes the name of the .h5ad file to write.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it.")
+    check_writable(path)
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from . import tl
+    from ._scbert import check_model_target
 
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists and is not empty; pass --overwrite to replace it.")
+    check_model_target(args.out.expanduser(), overwrite=args.overwrite)  # before the work, not after it
     adata = _read(args.input)
     model = tl.finetune(
         adata,
@@ -149,14 +170,15 @@ def _finetune(args: argparse.Namespace) -> int:
 def _annotate(args: argparse.Namespace) -> int:
     from . import ScBERT, tl
 
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it.")
+    check_output_file(args.out, overwrite=args.overwrite)
+    _check_input(args.input)
     model = ScBERT.load(args.model)
     adata = _read(args.input)
     kwargs = {"gene_key": args.gene_key, "layer": args.layer, "use_raw": args.use_raw, "batch_size": args.batch_size}
     tl.annotate(adata, model, unknown_threshold=args.unknown_threshold, key_added=args.key_added, **kwargs)
     if args.embed:
         tl.embed(adata, model, **kwargs)
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the work
     adata.write_h5ad(args.out)
     counts = adata.obs[args.key_added].value_counts()
     print(f"Annotated {adata.n_obs} cells -> {args.out}")
@@ -166,7 +188,9 @@ def _annotate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
+    from ._scbert import check_writable
 
+    check_writable(args.out)  # before the work, not after it
     run_demo(args.out, epochs=args.epochs, seed=args.seed)
     return 0
 

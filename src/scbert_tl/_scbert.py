@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 import tempfile
@@ -14,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from .datasets._registry import file_sha256
 from .model import CheckpointError, ScBERTConfig, ScBERTNetwork, infer_config, load_into, to_own_state_dict
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
@@ -234,6 +235,7 @@ class ScBERT:
             return cls._load_own(path, map_location=map_location)
         if not path.exists():
             raise FileNotFoundError(f"No model at {path}: expected a directory saved by ScBERT.save or a .pth file.")
+        _check_torch_file(path)
         obj = _torch_load(path, map_location)
         state = obj.get("model_state_dict", obj) if isinstance(obj, dict) else None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -270,17 +272,35 @@ class ScBERT:
         for f in (cfg_file, weights):
             if not f.exists():
                 raise CheckpointError(f"{path} is not a saved scbert-tl model: {f.name} is missing.")
-        try:
-            meta = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); the model directory is corrupt.") from e
-        if meta.get("format") != "scbert-tl":
-            raise CheckpointError(f"{cfg_file} is not an scbert-tl model config (format={meta.get('format')!r}).")
+        meta = _read_meta(cfg_file)
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"{path} was saved by a newer scbert-tl (format {meta['format_version']}); upgrade scbert-tl."
             )
-        cfg = ScBERTConfig.from_dict(meta["config"])
+        missing = [k for k in ("config", "genes") if k not in meta]
+        if missing:
+            raise CheckpointError(
+                f"{cfg_file} has no {' or '.join(map(repr, missing))} entry: the file is incomplete or was edited; "
+                "the model directory cannot be used. Save the model again with ScBERT.save."
+            )
+        expected = meta.get("model_sha256")
+        if expected is None:
+            logger.info(
+                "%s was saved without a checksum of its weights (by an earlier scbert-tl), so their integrity "
+                "cannot be checked. Save it again to add one.",
+                path,
+            )
+        elif file_sha256(weights) != expected:
+            raise CheckpointError(
+                f"{weights} does not match the SHA-256 recorded in {cfg_file.name} when it was saved: the weights were "
+                "changed or corrupted since (a partial copy, a disk error, an interrupted overwrite). Use another copy "
+                "of the model, or train it again."
+            )
+        try:
+            cfg = ScBERTConfig.from_dict(meta["config"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{cfg_file}: the 'config' entry is not a valid architecture ({e}).") from e
+        _check_torch_file(weights)
         state = _torch_load(weights, map_location)
         own, _ = to_own_state_dict(state)
         network = ScBERTNetwork(cfg)
@@ -300,23 +320,24 @@ class ScBERT:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the model as a directory: ``config.json`` (architecture, genes, classes, provenance, history) and ``model.pt`` (state dict).
 
+        ``config.json`` records the SHA-256 of ``model.pt``; :meth:`load` refuses weights that no longer
+        match it.
+
         Parameters
         ----------
         path
             Target directory.
         overwrite
-            Replace an existing model there. Without it an existing non-empty directory is an error.
+            Replace an existing model there: its ``config.json`` and ``model.pt`` only; other files in the
+            folder are kept. Without it an existing non-empty directory is an error, and a folder that
+            holds no scbert-tl model is never written into.
 
         Returns
         -------
         The directory written.
         """
         path = Path(path).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            if not overwrite:
-                raise FileExistsError(f"{path} already exists and is not empty; pass overwrite=True to replace it.")
-            if not (path / "config.json").exists():
-                raise FileExistsError(f"{path} exists and is not an scbert-tl model; refusing to overwrite it.")
+        replacing = check_model_target(path, overwrite=overwrite)
         meta = {
             "format": "scbert-tl",
             "format_version": FORMAT_VERSION,
@@ -329,20 +350,103 @@ class ScBERT:
             "provenance": self.provenance,
             "history": self.history,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        state = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
+        # New files are written beside their targets, then moved into place. Replacing a model swaps only
+        # its own two files (other files in the folder stay): model.pt first, then config.json with its
+        # checksum, so that an interruption between the two leaves a model that load() refuses, never a
+        # silently wrong one.
+        work = path if replacing else Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=_mkparent(path)))
+        tmp_weights, tmp_config = work / f".model.pt.{os.getpid()}.tmp", work / f".config.json.{os.getpid()}.tmp"
         try:
-            (tmp / "config.json").write_text(json.dumps(meta, indent=1, default=_json_default))
-            state = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
-            torch.save(state, tmp / "model.pt")
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
+            torch.save(state, tmp_weights)
+            meta["model_sha256"] = file_sha256(tmp_weights)
+            tmp_config.write_text(json.dumps(meta, indent=1, default=_json_default))
+            os.replace(tmp_weights, work / "model.pt")
+            os.replace(tmp_config, work / "config.json")
+            if not replacing:
+                if path.exists():  # an empty folder
+                    path.rmdir()
+                work.rename(path)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp_weights.unlink(missing_ok=True)
+            tmp_config.unlink(missing_ok=True)
+            if not replacing:
+                shutil.rmtree(work, ignore_errors=True)
             raise
         logger.info("Saved %r to %s", self, path)
         return path
+
+
+def check_model_target(path: Path, *, overwrite: bool) -> bool:
+    """Whether saving to ``path`` replaces a model there; raises when it may not be written (checked before any work)."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} is a file; a model is saved as a directory. Choose another path.")
+    if not path.exists() or not any(path.iterdir()):
+        check_writable(path)
+        return False
+    if not overwrite:
+        raise FileExistsError(
+            f"{path} already exists and is not empty; pass overwrite=True (--overwrite in the shell) to replace it."
+        )
+    try:
+        is_model = json.loads((path / "config.json").read_text()).get("format") == "scbert-tl"
+    except (OSError, ValueError, AttributeError):
+        is_model = False
+    if not is_model:
+        raise FileExistsError(f"{path} exists and is not an scbert-tl model folder; refusing to write into it.")
+    check_writable(path)
+    return True
+
+
+def check_writable(path: Path) -> None:
+    """Raise (before any work) when ``path``, or the nearest folder above it that exists, cannot be written."""
+    folder = path if path.is_dir() else next(p for p in path.parents if p.exists())
+    if not folder.is_dir():
+        raise NotADirectoryError(f"Cannot write {path}: {folder} is a file, not a folder.")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(f"Cannot write {path}: the folder {folder} is not writable ({e.strerror}).") from e
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.parent
+
+
+def _read_meta(cfg_file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); the model directory is corrupt.") from e
+    if not isinstance(meta, dict) or meta.get("format") != "scbert-tl":
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{cfg_file} is not an scbert-tl model config (format={found!r}).")
+    return meta
+
+
+def is_hdf5(path: Path) -> bool:
+    """Whether ``path`` is an HDF5 file (as an ``.h5ad`` is), by its signature."""
+    import h5py
+
+    return bool(h5py.is_hdf5(str(path)))
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse, with a plain message, a file that is not a torch checkpoint at all (text, an .h5ad, ...)."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+    if is_hdf5(path):
+        raise CheckpointError(
+            f"{path} is an HDF5 file (an .h5ad?), not a model. Pass a model directory written by ScBERT.save "
+            "(config.json + model.pt) or a .pth checkpoint; the data is the other argument."
+        )
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise CheckpointError(
+            f"{path} is not a torch checkpoint (it starts with {head!r}). Pass a model directory written by "
+            "ScBERT.save (config.json + model.pt) or a .pth/.pt file saved by torch.save."
+        )
 
 
 def _json_default(obj: Any) -> Any:

@@ -34,7 +34,9 @@ class ScBERTSettings:
         self._onednn = _env_flag("SCBERT_ONEDNN", default=True)
         self._compile = _env_flag("SCBERT_COMPILE", default=False)
         self._verbosity = 2
+        logging.getLogger("scbert_tl").setLevel(_LEVELS[self._verbosity])
         self._cachedir: Path | None = None
+        self._hgnc_path: Path | None = None
 
     # device -------------------------------------------------------------------------------------
     @property
@@ -57,7 +59,10 @@ class ScBERTSettings:
         device = self._device if device is None else str(device)
         if device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except RuntimeError as e:
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"Device {device!r} was requested but CUDA is not available; use device='cpu'.")
         return dev
@@ -154,7 +159,11 @@ class ScBERTSettings:
     # verbosity ----------------------------------------------------------------------------------
     @property
     def verbosity(self) -> int:
-        """0 errors, 1 warnings, 2 info (default), 3 debug. Progress bars show at 2 and above."""
+        """0 errors, 1 warnings, 2 info (default), 3 debug. Progress bars show at 2 and above.
+
+        Messages go to ``sys.stderr`` (the notebook's or the shell's), or only to your own handlers
+        when you configured logging (e.g. ``logging.basicConfig``), never to both.
+        """
         return self._verbosity
 
     @verbosity.setter
@@ -186,9 +195,26 @@ class ScBERTSettings:
     def cachedir(self, value: str | os.PathLike | None) -> None:
         self._cachedir = None if value is None else Path(value).expanduser()
 
+    @property
+    def hgnc_path(self) -> Path | None:
+        """A local HGNC complete-set table for gene alignment (``None``: the registry's copy, fetched once per process).
+
+        For machines without internet: download ``hgnc_complete_set.txt`` from genenames.org elsewhere and
+        point this at it (or put it in the :attr:`~scbert_tl._settings.ScBERTSettings.cachedir` as
+        ``hgnc-complete-set``). Used by :func:`scbert_tl.pp.bin` with ``aliases="hgnc"``.
+        """
+        return self._hgnc_path
+
+    @hgnc_path.setter
+    def hgnc_path(self, value: str | os.PathLike | None) -> None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise FileNotFoundError(f"settings.hgnc_path: {value} is not a file (expected hgnc_complete_set.txt).")
+        self._hgnc_path = None if value is None else Path(value).expanduser()
+
     def __repr__(self) -> str:
         fields = (
             "device", "precision", "batch_size", "num_workers", "n_threads", "onednn", "compile", "verbosity", "cachedir",
+            "hgnc_path",
         )  # fmt: skip
         return "ScBERTSettings(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ")"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,6 +106,8 @@ def read_hgnc(path: str | os.PathLike) -> pd.DataFrame:
     """
     import pandas as pd
 
+    if not Path(path).expanduser().is_file():
+        raise FileNotFoundError(f"HGNC table {path} is not a file (download hgnc_complete_set.txt from genenames.org).")
     try:
         frame = pd.read_csv(path, sep="\t", dtype=str, usecols=lambda c: c in HGNC_COLUMNS, quoting=3)
     except (ValueError, pd.errors.ParserError) as e:

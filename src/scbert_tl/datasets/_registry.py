@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ from .._settings import settings
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,9 @@ def git_blob_sha1(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file (hex)."""
+    path = Path(path)
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -99,7 +103,7 @@ def _sha256(path: Path) -> str:
 def _check_pin(asset: Asset, path: Path) -> None:
     """Record the SHA-256 of a pinned asset at its first download; check it on every later use."""
     pin_file = path.with_name(path.name + ".sha256")
-    got = _sha256(path)
+    got = file_sha256(path)
     if not pin_file.exists():
         pin_file.write_text(got + "\n")
         logger.info("%s has no published checksum; pinned its sha256 %s at first download", asset.name, got)
@@ -110,6 +114,18 @@ def _check_pin(asset: Asset, path: Path) -> None:
             f"{asset.name}: the cached copy no longer matches the sha256 pinned at its first download. "
             "The corrupt copy was deleted from the cache; fetch it again."
         )
+
+
+@contextlib.contextmanager
+def _pooch_quiet() -> Iterator[None]:
+    """Hide pooch's own info lines (our log says what is downloaded; errors are raised, not logged)."""
+    pooch_logger = pooch.get_logger()
+    level = pooch_logger.level
+    pooch_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        pooch_logger.setLevel(level)
 
 
 def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
@@ -139,12 +155,13 @@ def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
     progressbar = settings.progress if progressbar is None else progressbar
     known_hash = f"sha256:{asset.sha256}" if asset.sha256 else None
     target = cache / asset.name
-    if known_hash is None and not target.exists():
+    if not target.exists():
         logger.info("Downloading %s from %s", asset.name, asset.url)
     try:
-        path = Path(
-            pooch.retrieve(asset.url, known_hash=known_hash, fname=asset.name, path=cache, progressbar=progressbar)
-        )
+        with _pooch_quiet():  # its "Downloading data from ..." line would repeat ours, or precede a failure
+            path = Path(
+                pooch.retrieve(asset.url, known_hash=known_hash, fname=asset.name, path=cache, progressbar=progressbar)
+            )
     except ValueError as e:  # pooch's hash mismatch: it has already discarded the download
         target.unlink(missing_ok=True)
         raise IntegrityError(f"{asset.name}: the download from {asset.url} does not match its sha256; {e}") from e

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -30,6 +32,9 @@ LAYER = "scbert_bins"
 PANEL_INDEX = "scbert_panel_index"
 TARGET_SUM = 1e4
 QC_MIN_GENES = 200  # the paper's quality control: cells with fewer expressed genes are flagged
+# Fewest panel genes pp.bin accepts (or 5% of a smaller panel): in PBMC3k, a cell expresses a median of
+# 6 of 100 random panel genes and 1 of 20 (27% of cells none), so below this the model sees near-empty cells.
+MIN_PANEL_GENES = 100
 InputKind = Literal["counts", "log1p", "log2", "normalized"]
 _RATIO_TOL = 2e-3  # relative tolerance for recovering integer counts from log-normalised values
 
@@ -58,19 +63,29 @@ def _resolve_panel(panel: str | Sequence[str] | ScBERT) -> tuple[list[str], str,
 
 @functools.cache
 def _registry_nomenclature(cachedir: str) -> pd.DataFrame | None:
+    """The registry's HGNC table, or None when it cannot be had: tried once per process (and cache folder)."""
     from .. import datasets
 
     try:
         return datasets.hgnc_table()
     except (OSError, ValueError) as e:  # offline, blocked, or a bad download (already removed)
         logger.warning(
-            "The HGNC nomenclature table could not be fetched (%s); genes are matched by exact and "
-            "case-insensitive symbol only, so renamed genes and Ensembl IDs are not aligned. Put the "
-            "file in %s or pass aliases=PATH to use previous and alias symbols.",
+            "The HGNC nomenclature table could not be fetched (%s). In this session genes are matched by exact and "
+            "case-insensitive symbol only: renamed genes (previous or alias symbols) and Ensembl IDs are not aligned, "
+            "so fewer genes may match than with the table. To use it offline, download %s elsewhere and set "
+            "scbert.settings.hgnc_path to that file (or put it at %s). Not tried again in this process.",
             type(e).__name__,
-            cachedir,
+            datasets.REGISTRY["hgnc-complete-set"].url,
+            Path(cachedir) / "hgnc-complete-set",
         )
         return None
+
+
+@functools.cache
+def _hgnc_file(path: str, mtime: float) -> pd.DataFrame:
+    from .. import datasets
+
+    return datasets.read_hgnc(path)
 
 
 def _nomenclature(aliases: str | os.PathLike | pd.DataFrame | None) -> tuple[pd.DataFrame | None, str]:
@@ -81,11 +96,30 @@ def _nomenclature(aliases: str | os.PathLike | pd.DataFrame | None) -> tuple[pd.
     if isinstance(aliases, pd.DataFrame):
         return aliases, "user-supplied table"
     if isinstance(aliases, str) and aliases == "hgnc":
+        if settings.hgnc_path is not None:
+            path = settings.hgnc_path
+            return _hgnc_file(str(path), path.stat().st_mtime), f"HGNC table {path} (settings.hgnc_path)"
         table = _registry_nomenclature(str(settings.cachedir))
         if table is None:
             return None, "unavailable (HGNC table could not be fetched): exact and case-insensitive symbols only"
         return table, f"HGNC complete set ({datasets.REGISTRY['hgnc-complete-set'].url})"
     return datasets.read_hgnc(aliases), f"HGNC-format table {aliases}"
+
+
+def _check_species(ids: pd.Index, alignment: Any) -> None:
+    """Warn when most genes match only case-insensitively (``Cd3e`` -> ``CD3E``): mouse-style symbols on a human panel."""
+    matched = int((alignment.target >= 0).sum())
+    by_case = np.flatnonzero(alignment.method == "case")
+    if matched and by_case.size > 0.5 * matched:
+        logger.warning(
+            "%d of the %d matched genes match the model panel only when case is ignored (e.g. %s): the data and the "
+            "panel look like different species (mouse-style symbols such as 'Cd3e' against human-style 'CD3E'; "
+            "the published panel is human). Each gene is used as its namesake and genes without one are left out, "
+            "so a model trained on another species may be less accurate here. If the data is human, check gene_key=.",
+            by_case.size,
+            matched,
+            ", ".join(str(ids[j]) for j in by_case[:3]),
+        )
 
 
 # ------------------------------------------------------------------------------------------ input kind
@@ -244,11 +278,17 @@ def _source(adata: AnnData, layer: str | None, use_raw: bool) -> tuple[Any, str]
     return adata.X, "adata.X"
 
 
-def _rows(X: Any, start: int, stop: int) -> sp.csr_matrix:
-    chunk = X[start:stop]
-    if hasattr(chunk, "to_memory"):
+def _in_memory(chunk: Any) -> sp.csr_matrix:
+    """A block of rows as float64 CSR, whether it came from memory, a backed file or a dask array (dense or sparse chunks)."""
+    if hasattr(chunk, "to_memory"):  # a backed sparse dataset
         chunk = chunk.to_memory()
+    if hasattr(chunk, "compute"):  # dask
+        chunk = chunk.compute()
     return sp.csr_matrix(chunk, dtype=np.float64)
+
+
+def _rows(X: Any, start: int, stop: int) -> sp.csr_matrix:
+    return _in_memory(X[start:stop])
 
 
 def _gene_ids(adata: AnnData, gene_key: str | None) -> pd.Index:
@@ -257,6 +297,113 @@ def _gene_ids(adata: AnnData, gene_key: str | None) -> pd.Index:
     if gene_key not in adata.var:
         raise KeyError(f"gene_key={gene_key!r} is not a column of adata.var (columns: {list(adata.var.columns)}).")
     return pd.Index(adata.var[gene_key].astype(str))
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+FINGERPRINT_ROWS = 64  # cells whose values are hashed; with the shape and the total, what tells a changed input
+
+
+def _row_hashes(m: sp.csr_matrix) -> list[str]:
+    m = sp.csr_matrix(m, dtype=np.float64)
+    m.sum_duplicates()
+    m.eliminate_zeros()
+    out = []
+    for a, b in zip(m.indptr[:-1], m.indptr[1:], strict=True):
+        h = hashlib.sha1(m.indices[a:b].astype(np.int64).tobytes())
+        h.update(m.data[a:b].tobytes())
+        out.append(h.hexdigest()[:16])
+    return out
+
+
+def _total(X: Any) -> float | None:
+    """Sum of all values of an in-memory matrix (None for backed or lazy data, where it would mean reading it all)."""
+    if isinstance(X, np.ndarray):
+        return float(X.sum(dtype=np.float64))
+    if sp.issparse(X):
+        return float(np.asarray(X.data).sum(dtype=np.float64))
+    return None
+
+
+def input_fingerprint(X: Any, obs_names: pd.Index) -> dict[str, Any]:
+    """A cheap record of the values ``X`` holds: its width, a hash of each of up to 64 evenly spaced cells (by name), and its total.
+
+    It tells whether the input changed since the bins were made (normalised, scaled, replaced,
+    edited) without reading the whole matrix of a backed or lazy object. Cells that were since
+    removed (a subset) are not needed: the cells left are checked.
+    """
+    n = X.shape[0]
+    positions = np.unique(np.linspace(0, n - 1, min(n, FINGERPRINT_ROWS)).round().astype(np.int64))
+    return {
+        "n_obs": int(n),
+        "n_vars": int(X.shape[1]),
+        "positions": positions.tolist(),
+        "names": [str(obs_names[i]) for i in positions],
+        "rows": _row_hashes(_in_memory(X[positions])),
+        "total": _total(X),
+    }
+
+
+def input_unchanged(fingerprint: Any, X: Any, obs_names: pd.Index) -> bool:
+    """Whether ``X`` (rows named ``obs_names``) still holds the values :func:`input_fingerprint` recorded."""
+    if not isinstance(fingerprint, dict) or "rows" not in fingerprint:
+        return False  # binned by an older version: no record to check against
+    if int(fingerprint["n_vars"]) != X.shape[1]:
+        return False
+    names = np.asarray(fingerprint["names"]).astype(str)
+    positions = np.asarray(fingerprint["positions"], dtype=np.int64)
+    same_cells = X.shape[0] == int(fingerprint["n_obs"]) and np.array_equal(
+        np.asarray(obs_names[positions]).astype(str), names
+    )
+    if same_cells:
+        idx = positions
+    elif obs_names.is_unique:
+        idx = obs_names.get_indexer(pd.Index(names))
+    else:
+        return False  # other cells, and no unique names to find the recorded ones by
+    present = np.flatnonzero(idx >= 0)
+    if present.size == 0:
+        return False  # none of the recorded cells is left to check: bin again (the subset is small)
+    order = present[np.argsort(idx[present])]
+    current = _row_hashes(_in_memory(X[idx[order]]))
+    if current != list(np.asarray(fingerprint["rows"]).astype(str)[order]):
+        return False
+    recorded, total = fingerprint.get("total"), _total(X) if same_cells else None
+    return recorded is None or total is None or total == float(recorded)
+
+
+def recorded_input(adata: AnnData) -> Any:
+    """The matrix the last :func:`bin` read (``X``, a layer or ``raw.X``), or None when it is gone."""
+    info = adata.uns.get("scbert")
+    recorded = info.get("params", {}).get("bin", {}) if isinstance(info, dict) else {}
+    try:
+        return _source(adata, recorded.get("layer"), bool(recorded.get("use_raw")))[0]
+    except (KeyError, ValueError):
+        return None
+
+
+def bins_stale(info: Any, model: ScBERT, X: Any, var_names: Sequence[str], obs_names: pd.Index) -> str | None:
+    """Why the bins recorded in ``info`` (``uns["scbert"]``) cannot be used for ``model``, or None when they can.
+
+    ``X`` is the matrix the bins were made from (see :func:`recorded_input`; None: it is gone), its
+    genes named by ``var_names`` and its cells by ``obs_names``.
+    """
+    if not isinstance(info, dict) or "panel_checksum" not in info:
+        return "are missing"
+    if X is None:
+        return "were made from an input that is no longer there"
+    if (
+        info.get("panel_checksum") != panel_checksum(model.genes)
+        or int(info.get("n_bins", -1)) != model.n_bins
+        or info.get("normalize") != model.normalization
+    ):
+        return "were made for another panel"
+    if info.get("var_checksum") != panel_checksum([str(g) for g in var_names]):
+        return "were made for other genes (the genes were subset or reordered since)"
+    if not isinstance(info.get("fingerprint"), dict):
+        return "were made by an earlier scbert-tl, which kept no fingerprint of their input"
+    if not input_unchanged(info.get("fingerprint"), X, obs_names):
+        return f"no longer match {info.get('input', 'the input')}: its values changed since scbert.pp.bin"
+    return None
 
 
 def bin(
@@ -284,9 +431,12 @@ def bin(
     Genes are matched to the panel by exact symbol, then case-insensitively, then through previous
     and alias symbols and Ensembl IDs of the HGNC nomenclature. User genes that land on the same
     panel gene have their expression summed. The coverage (matched panel genes, the fraction of
-    the counts that land in the panel) is logged and stored; below 50% it is a warning, with no
-    overlap an error. The data is read in chunks of cells and never densified, so backed and very
-    large AnnData objects work.
+    the counts that land in the panel) is logged and stored; below 50% it is a warning, and fewer
+    than 100 matched panel genes (or 5% of a smaller panel) is an error: in PBMC3k a cell expresses a
+    median of 6 of 100 random panel genes and 1 of 20, so with fewer the model sees nearly empty
+    cells. When most genes match only case-insensitively (mouse-style ``Cd3e`` on the human panel)
+    a warning says the species may differ. The data is read in chunks of cells and never densified,
+    so backed, dask and very large AnnData objects work.
 
     Parameters
     ----------
@@ -313,8 +463,10 @@ def bin(
         informative; over a small panel, per-panel totals push every expressed gene to the top bin.
     aliases
         Nomenclature for previous/alias symbols and Ensembl IDs: ``"hgnc"`` (the HGNC table from the
-        registry; offline, exact and case matching only, with a warning), a path to an HGNC-format
-        TSV, a :class:`~pandas.DataFrame` from :func:`scbert_tl.datasets.read_hgnc`, or ``None``.
+        registry, fetched once per process, or the local copy :attr:`scbert.settings.hgnc_path
+        <scbert_tl._settings.ScBERTSettings.hgnc_path>` names; when it cannot be had, exact and case
+        matching only, with one warning that says how to fix it), a path to an HGNC-format TSV, a
+        :class:`~pandas.DataFrame` from :func:`scbert_tl.datasets.read_hgnc`, or ``None``.
     min_genes
         Remove cells with fewer expressed genes than this (the paper used 200). By default no cell is
         removed; cells with fewer than 200 are only flagged.
@@ -336,8 +488,9 @@ def bin(
     ``adata.obs[f"{key_added}_n_genes"]``, ``adata.obs[f"{key_added}_low_quality"]``
         Expressed genes per cell, and whether that is below 200 (or ``min_genes``).
     ``adata.uns[key_added]``
-        Panel, input kind, coverage, nomenclature source, and the parameters under ``["params"]["bin"]``
-        (keys written there by other functions, such as :func:`~scbert_tl.tl.annotate`, are kept).
+        Panel, input kind, coverage, nomenclature source, a fingerprint of the input (so that tools bin
+        again after the input changes), and the parameters under ``["params"]["bin"]`` (keys written
+        there by other functions, such as :func:`~scbert_tl.tl.annotate`, are kept).
 
     Examples
     --------
@@ -376,6 +529,18 @@ def bin(
             f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
             f"trained on your genes.{hint}"
         )
+
+    floor = min(MIN_PANEL_GENES, math.ceil(0.05 * len(genes)))
+    if n_matched < floor:
+        found = [str(ids[j]) for j in np.flatnonzero(alignment.panel_index >= 0)[:5]]
+        raise ValueError(
+            f"Only {n_matched} of the {len(genes)} genes of the model panel '{panel_name}' are in adata ({found}); "
+            f"at least {floor} are needed ({MIN_PANEL_GENES}, or 5% of a smaller panel). With so few, most cells "
+            "express none or a handful of them and the model would see nearly empty cells. Check that the genes are "
+            "human symbols or Ensembl IDs (gene_key= names a var column holding them), or use a model trained on "
+            "your genes."
+        )
+    _check_species(ids, alignment)
 
     kind = detect_kind(_rows(X, 0, min(adata.n_obs, 2000)), where)
     logger.info(
@@ -422,6 +587,11 @@ def bin(
     bar.close()
     bins = sp.vstack(chunks, format="csr", dtype=np.int8) if len(chunks) > 1 else chunks[0]
     n_expr = np.concatenate(n_genes_expr)
+    if min_genes is not None and (n_expr < min_genes).all():
+        raise ValueError(
+            f"min_genes={min_genes} would remove every cell (the most genes any cell expresses is {n_expr.max()}); "
+            "pass a lower min_genes, or None to only flag cells with fewer than 200."
+        )
 
     counts_fraction = float(panel_total / all_total) if all_total > 0 else 0.0
     coverage = {
@@ -460,7 +630,13 @@ def bin(
             key_added,
         )
     if zero_cells:
-        logger.warning("%d cells have no counts in panel genes; all their tokens are 0.", zero_cells)
+        logger.warning(
+            "%d of %d cells (%.1f%%) have no counts in the panel genes: all their tokens are 0, so the model sees "
+            "an empty cell and gives each of them the same prediction.",
+            zero_cells,
+            adata.n_obs,
+            100 * zero_cells / adata.n_obs,
+        )
 
     if LAYER in adata.layers:
         logger.info("pp.bin: replacing the existing adata.layers[%r]", LAYER)
@@ -480,6 +656,7 @@ def bin(
             "normalize": normalization,
             "input": where,
             "input_kind": kind,
+            "fingerprint": input_fingerprint(X, adata.obs_names),
             "coverage": coverage,
             "nomenclature": nom_source,
         }
@@ -532,30 +709,24 @@ def tokens_for(
 ) -> TokenMatrix:
     """The model's tokens for ``adata``, binning it first when needed.
 
-    :func:`bin` runs when the bins are missing, were made for another panel, for other genes (the
-    data was subset or reordered since), or from other input than asked for. Input choices not given are those of the last :func:`bin`.
+    :func:`bin` runs (logged) when the bins are missing, were made for another panel, for other genes
+    (the genes were subset or reordered since), from other input than asked for, or from values that
+    changed since (the input's fingerprint, see :func:`input_fingerprint`). Input choices not given are
+    those of the last :func:`bin`.
     """
     from ..train import TokenMatrix
 
     info = adata.uns.get("scbert")
     params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
     recorded = info.get("params", {}).get("bin", {}) if isinstance(info, dict) else {}
-    current = (
-        LAYER in adata.layers
-        and PANEL_INDEX in adata.var
-        and isinstance(info, dict)
-        and info.get("panel_checksum") == panel_checksum(model.genes)
-        and int(info.get("n_bins", -1)) == model.n_bins
-        and info.get("normalize") == model.normalization
-        and info.get("var_checksum") == panel_checksum(list(map(str, adata.var_names)))  # genes not subset since
-        and all(recorded.get(k) == v for k, v in params.items())
-    )
-    if not current:
-        logger.info(
-            "Binning adata for this model's panel (%d genes)%s",
-            len(model.genes),
-            " (the existing bins were made for another panel or input)" if LAYER in adata.layers else "",
-        )
+    if LAYER not in adata.layers or PANEL_INDEX not in adata.var:
+        reason = "are missing"
+    elif not all(recorded.get(k) == v for k, v in params.items()):
+        reason = "were made from another input"
+    else:
+        reason = bins_stale(info, model, recorded_input(adata), adata.var_names, adata.obs_names)
+    if reason is not None:
+        logger.info("Binning adata for this model's panel (%d genes): the bins %s", len(model.genes), reason)
         bin(adata, panel=model, n_bins=model.n_bins, normalize=model.normalization, **params)
     return TokenMatrix(adata.layers[LAYER], adata.var[PANEL_INDEX].to_numpy(), len(model.genes))
 
@@ -583,8 +754,7 @@ def expression(
     parts = []
     for start in range(0, rows.size, 5_000):
         idx = rows[start : start + 5_000]
-        chunk = X[idx]
-        chunk = sp.csr_matrix(chunk.to_memory() if hasattr(chunk, "to_memory") else chunk, dtype=np.float64)
+        chunk = _in_memory(X[idx])
         chunk.eliminate_zeros()
         _check_values(chunk, where)
         parts.append(_linear(chunk, kind, where).astype(np.float32))

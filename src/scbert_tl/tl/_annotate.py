@@ -11,6 +11,7 @@ import torch
 
 from ..pp._bin import tokens_for
 from ..train import run_batches
+from ..train._inference import check_compute
 from ._finetune import UNKNOWN
 from ._resolve import model_for_inference
 
@@ -87,6 +88,7 @@ def annotate(
     """
     if not 0 <= unknown_threshold <= 1:
         raise ValueError(f"unknown_threshold must be between 0 and 1, got {unknown_threshold}.")
+    check_compute(device, precision, batch_size)  # before anything is written
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from ..model._attention import attention_received, resolve_layers
 from ..pp._bin import PANEL_INDEX, tokens_for
 from ..train import run_batches
+from ..train._inference import check_compute
 from ._resolve import model_for_inference
 
 if TYPE_CHECKING:
@@ -153,6 +154,7 @@ def attention(
     """
     if isinstance(n_top, bool) or not isinstance(n_top, int | np.integer) or n_top < 1:
         raise ValueError(f"n_top must be a positive integer, got {n_top!r}.")
+    check_compute(device, precision, batch_size)  # before anything is written
     groupby, codes, names = _groups(adata, groupby)
     if copy:
         adata = adata.copy()

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..pp._bin import tokens_for
 from ..train import run_batches
+from ..train._inference import check_compute
 from ._resolve import model_for_inference
 
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ def embed(
     ``None``, or the copy with ``copy=True``. Writes ``adata.obsm[key_added]`` (cells x model width,
     float32) and ``adata.uns[key_added]`` (the parameters).
     """
+    check_compute(device, precision, batch_size)  # before anything is written
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)

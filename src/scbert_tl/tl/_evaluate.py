@@ -263,16 +263,14 @@ def labelled(
     ``baseline_input=False``: leave the expression to the caller.
     """
     from ..pp._bin import input_params
+    from ._finetune import check_labels_present
 
     if label_key not in adata.obs:
         raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")
     if not adata.obs_names.is_unique:
         raise ValueError("adata.obs_names must be unique (adata.obs_names_make_unique()) to keep folds apart.")
     labels = adata.obs[label_key]
-    if labels.isna().any():
-        raise ValueError(
-            f"{int(labels.isna().sum())} cells have no label in adata.obs[{label_key!r}]; drop them first."
-        )
+    check_labels_present(labels, label_key)
     labels = labels.astype(str).to_numpy()
     finetune_kwargs = dict(finetune_kwargs or {})
     for key in ("rng", "validation", "model", "split_key"):

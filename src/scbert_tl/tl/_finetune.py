@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .._settings import settings
 from ..pp._bin import input_params, tokens_for
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
+from ..train._inference import check_compute
 from ._resolve import resolve_model
 
 if TYPE_CHECKING:
@@ -28,16 +28,35 @@ logger = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 
-def _labels(adata: AnnData, label_key: str) -> tuple[np.ndarray, list[str]]:
-    if label_key not in adata.obs:
-        raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")
-    col = adata.obs[label_key]
+# text that stands for a missing label (a NaN or None turned into a string, an empty cell of a table)
+MISSING_LABELS = ("", "nan", "none", "null", "na", "n/a", "<na>")
+
+
+def check_labels_present(col: pd.Series, label_key: str) -> None:
+    """Refuse missing labels: NaN, and text that stands for one (``""``, ``"nan"``, ``"None"``, ...)."""
     missing = col.isna().to_numpy()
     if missing.any():
         raise ValueError(
             f"{int(missing.sum())} cells have no label in adata.obs[{label_key!r}]; drop them first "
             f"(adata = adata[adata.obs[{label_key!r}].notna()].copy()) or give them a label."
         )
+    text = col.astype(str).str.strip()
+    placeholder = text.str.lower().isin(MISSING_LABELS).to_numpy()
+    if placeholder.any():
+        raise ValueError(
+            f"{int(placeholder.sum())} cells have the label {sorted(set(text[placeholder]))} in "
+            f"adata.obs[{label_key!r}]: text that stands for a missing value (e.g. a NaN turned into 'nan' by "
+            ".astype(str)), which would become a cell type of its own. Give those cells their type, or drop them: "
+            f"adata = adata[~adata.obs[{label_key!r}].astype(str).str.strip().str.lower().isin({list(MISSING_LABELS)})]"
+            ".copy()"
+        )
+
+
+def _labels(adata: AnnData, label_key: str) -> tuple[np.ndarray, list[str]]:
+    if label_key not in adata.obs:
+        raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")
+    col = adata.obs[label_key]
+    check_labels_present(col, label_key)
     if isinstance(col.dtype, pd.CategoricalDtype):
         present = set(col.astype(str))
         classes = [str(c) for c in col.cat.categories if str(c) in present]
@@ -177,6 +196,7 @@ def finetune(
     :func:`scbert_tl.pp.bin` when they were missing.
     """
     labels, classes = _labels(adata, label_key)
+    dev, dtype = check_compute(device, precision)  # before anything is written
     net_rng = np.random.default_rng(rng)
     train_rows, val_rows = _validation_rows(adata, labels, validation, net_rng)
     with torch.random.fork_rng(devices=[]):
@@ -204,8 +224,6 @@ def finetune(
         if m.classes != classes:  # a new head, unless the model already classifies exactly these types
             m.network.add_classifier(len(classes))
             m.classes = classes
-        dev = settings.resolve_device(device)
-        dtype = settings.resolve_dtype(dev, precision)
         history = fit_classifier(m.network, tokens, labels, train_rows, val_rows, options, device=dev, dtype=dtype)
     m.history = history
     selected = next((h for h in history if h["selected"]), history[-1])

@@ -45,6 +45,8 @@ def _as_items(data: Any) -> list[AnnData | Path]:
             out.append(item)
         elif isinstance(item, str | os.PathLike):
             path = Path(item).expanduser()
+            if path.is_dir():
+                raise IsADirectoryError(f"{path} is a folder; expected an .h5ad file.")
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist (expected an .h5ad file).")
             out.append(path)
@@ -64,19 +66,6 @@ def _item_name(item: AnnData | Path, i: int, n: int) -> str:
 def _bin_params(uns: Any) -> dict[str, Any]:
     params = uns.get("params", {}).get("bin", {}) if isinstance(uns, dict) else {}
     return {k: params[k] for k in ("gene_key", "layer", "use_raw") if params.get(k) is not None}
-
-
-def _bins_current(uns: Any, model: ScBERT, var_names: Sequence[str]) -> bool:
-    """Whether the recorded bins were made for this model (panel, bins, normalisation) and these genes."""
-    from ..pp._bin import panel_checksum
-
-    return (
-        isinstance(uns, dict)
-        and uns.get("panel_checksum") == panel_checksum(model.genes)
-        and int(uns.get("n_bins", -1)) == model.n_bins
-        and uns.get("normalize") == model.normalization
-        and uns.get("var_checksum") == panel_checksum([str(g) for g in var_names])
-    )
 
 
 class H5adFile:
@@ -100,6 +89,14 @@ class H5adFile:
         except OSError as e:
             raise ValueError(f"{path} could not be read as an .h5ad file ({e}).") from e
 
+    def obs_names(self) -> pd.Index:
+        """The cell names."""
+        import h5py
+        from anndata.io import read_elem
+
+        with h5py.File(self.path, "r") as f:
+            return pd.Index(read_elem(f["obs"][f["obs"].attrs["_index"]])).astype(str)
+
     def rows(self, key: str, start: int | np.ndarray, stop: int | None = None) -> sp.csr_matrix:
         """Rows of the matrix at ``key`` ("X", "raw/X" or "layers/NAME"): a range, or sorted indices."""
         import h5py
@@ -120,6 +117,18 @@ def _matrix_key(params: dict[str, Any]) -> str:
     if params.get("layer"):
         return f"layers/{params['layer']}"
     return "X"
+
+
+class _FileMatrix:
+    """Rows of a matrix in an ``.h5ad`` file by index, for :func:`scbert_tl.pp._bin.bins_stale`."""
+
+    def __init__(self, file: H5adFile, params: dict[str, Any]) -> None:
+        self.file, self.key = file, _matrix_key(params)
+        var = file.raw_var if params.get("use_raw") else file.var
+        self.shape = (file.n_obs, 0 if var is None else len(var))
+
+    def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
+        return self.file.rows(self.key, np.asarray(rows))
 
 
 class BinningH5adSource(TokenSource):
@@ -201,7 +210,7 @@ def _main_rank_only(ctx: Any) -> Iterator[None]:
 
 def _source_for(item: AnnData | Path, model: ScBERT, name: str, *, main: bool) -> TokenSource:
     from ..pp import bin as pp_bin
-    from ..pp._bin import LAYER, PANEL_INDEX
+    from ..pp._bin import LAYER, PANEL_INDEX, bins_stale, recorded_input
     from ..train import H5adSource, MemorySource
 
     n_genes = len(model.genes)
@@ -209,13 +218,18 @@ def _source_for(item: AnnData | Path, model: ScBERT, name: str, *, main: bool) -
         if item.n_obs == 0:
             raise ValueError(f"{name} has no cells.")
         info = item.uns.get("scbert")
-        if not (LAYER in item.layers and PANEL_INDEX in item.var and _bins_current(info, model, item.var_names)):
+        reason = (
+            bins_stale(info, model, recorded_input(item), item.var_names, item.obs_names)
+            if LAYER in item.layers and PANEL_INDEX in item.var
+            else "are missing"
+        )
+        if reason is not None:
             if main:
                 logger.info(
-                    "%s: binning for this model's panel (%d genes) with scbert.pp.bin%s",
+                    "%s: binning for this model's panel (%d genes) with scbert.pp.bin: the bins %s",
                     name,
                     n_genes,
-                    " (the existing bins were made for another panel)" if LAYER in item.layers else "",
+                    reason,
                 )
             pp_bin(item, panel=model, n_bins=model.n_bins, normalize=model.normalization, **_bin_params(info))
         return MemorySource(item.layers[LAYER], item.var[PANEL_INDEX].to_numpy(), n_genes, name=name)
@@ -228,10 +242,13 @@ def _source_for(item: AnnData | Path, model: ScBERT, name: str, *, main: bool) -
     file = H5adFile(path)
     if file.n_obs == 0:
         raise ValueError(f"{path} has no cells.")
-    if LAYER in file.layers and PANEL_INDEX in file.var and _bins_current(file.uns, model, file.var.index):
+    reason = "are missing"
+    if LAYER in file.layers and PANEL_INDEX in file.var:
+        matrix = _FileMatrix(file, _bin_params(file.uns))
+        reason = bins_stale(file.uns, model, matrix, file.var.index, file.obs_names())
+    if reason is None:
         return H5adSource(path, file.var[PANEL_INDEX].to_numpy(), n_genes, layer=LAYER)
     if main:
-        reason = "were made for another panel" if LAYER in file.layers else "are missing"
         logger.info(
             "%s: its bins %s; binning each chunk on the fly with scbert.pp.bin (bin the file once and write "
             "it again to skip this work every epoch)",
@@ -634,10 +651,11 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 def run_pretrain_command(args: argparse.Namespace) -> int:
     """Run ``scbert pretrain`` from parsed arguments; returns the exit status (errors are printed, not raised)."""
+    from .._scbert import check_model_target
+
     output = Path(args.output).expanduser()
     try:
-        if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-            raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
+        check_model_target(output, overwrite=args.overwrite)  # before the work, not after it
         vs = args.validation_size
         if vs is not None and vs >= 1:
             if vs != int(vs):
@@ -679,7 +697,7 @@ def run_pretrain_command(args: argparse.Namespace) -> int:
                     f"loss {final['val_loss']:.4f} (baseline {final['baseline_loss']:.4f})"
                 )
             print(f"saved {model!r} to {output}")
-    except (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:
         print(f"scbert pretrain: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -43,7 +43,7 @@ def compact_genes(
     Genes are those of ``adata`` that are in the scBERT panel (by symbol, case or nomenclature, as
     :func:`scbert_tl.pp.bin` aligns them; the panel's own symbols are used), ranked by
     :func:`scanpy.pp.highly_variable_genes` (``flavor="seurat"`` on normalised, log1p expression).
-    When the panel cannot be had (offline, nothing cached), ``adata``'s own genes are used.
+    When the panel cannot be had (offline, nothing cached) this is an error that says where to put it.
     ``params`` are the input choices of :func:`scbert_tl.pp.bin` (``gene_key``, ``layer``, ``use_raw``).
     """
     import anndata as ad
@@ -57,22 +57,18 @@ def compact_genes(
     ids = _gene_ids(adata, params.get("gene_key"))
     try:
         panel_genes = datasets.panel_genes(panel)
-    except OSError as e:
-        logger.warning(
-            "The scBERT gene panel could not be fetched (%s); the compact model uses your data's own genes.",
-            type(e).__name__,
-        )
-        keep = np.flatnonzero(~ids.duplicated())
-        names = [str(ids[j]) for j in keep]
-        order = np.arange(len(names))
-    else:
-        table, _ = _nomenclature("hgnc")
-        alignment = align_genes(ids, panel_genes, nomenclature=table)
-        keep = np.flatnonzero(alignment.panel_index >= 0)
-        names = [panel_genes[i] for i in alignment.panel_index[keep]]
-        order = alignment.panel_index[keep]
-        if keep.size == 0:
-            raise ValueError("None of adata's genes is in the scBERT panel; pass a model trained on your genes.")
+    except OSError as e:  # never build on other genes silently: that model would give other results
+        raise OSError(
+            f"model='compact' takes its genes from the scBERT gene panel, which is not available: {e} "
+            "Alternatively pass a model over genes of your choice: model=scbert.ScBERT.new(genes, ...)."
+        ) from e
+    table, _ = _nomenclature("hgnc")
+    alignment = align_genes(ids, panel_genes, nomenclature=table)
+    keep = np.flatnonzero(alignment.panel_index >= 0)
+    names = [panel_genes[i] for i in alignment.panel_index[keep]]
+    order = alignment.panel_index[keep]
+    if keep.size == 0:
+        raise ValueError("None of adata's genes is in the scBERT panel; pass a model trained on your genes.")
     if keep.size > n_genes:
         lin = expression(adata, max_cells=50_000, rng=np.random.default_rng(seed), **params)[:, keep]
         tmp = ad.AnnData(lin)
@@ -117,4 +113,9 @@ def model_for_inference(model: str | os.PathLike | ScBERT, adata: AnnData) -> Sc
         return model
     if isinstance(model, str) and model == "compact":
         raise ValueError("model='compact' is an untrained architecture; pass a fine-tuned or pretrained model.")
+    if isinstance(model, str | os.PathLike) and model not in PRETRAINED and not Path(model).expanduser().exists():
+        raise FileNotFoundError(
+            f"No model at {model}: pass a trained ScBERT, the folder ScBERT.save wrote (or a .pth checkpoint), "
+            f"or a registry name ({', '.join(sorted(PRETRAINED))})."
+        )
     return resolve_model(model, adata)

@@ -107,6 +107,18 @@ def compiled_blocks(network: ScBERTNetwork, enabled: bool = True):
             network.layers[i] = layer
 
 
+def check_compute(
+    device: str | torch.device | None = None, precision: str | None = None, batch_size: int | None = None
+) -> tuple[torch.device, torch.dtype]:
+    """The device and autocast dtype of a run, resolved (and ``batch_size`` checked) before a tool changes anything."""
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive integer (or None for the setting), got {batch_size!r}.")
+    dev = settings.resolve_device(device)
+    return dev, settings.resolve_dtype(dev, precision)
+
+
 @torch.inference_mode()
 def run_batches(
     network: ScBERTNetwork,
@@ -124,8 +136,7 @@ def run_batches(
     ``fn`` returns one tensor, or a tuple of tensors, with the cells along the first axis. On CUDA the
     next batch is prepared and copied (pinned, asynchronously) while the current one computes.
     """
-    dev = settings.resolve_device(device)
-    dtype = settings.resolve_dtype(dev, precision)
+    dev, dtype = check_compute(device, precision, batch_size)
     was_training = network.training
     network.eval().to(dev)
     rows = np.arange(tokens.n_cells) if rows is None else np.asarray(rows)
