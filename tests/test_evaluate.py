@@ -293,6 +293,9 @@ def test_transfer_scores_a_query_labelled_at_another_level(monkeypatch, tmp_path
         _evaluate.Prediction(np.array(["A1"]), np.array([0.5]), 0, np.array([[0.5, 0.3, 0.1, 0.1]]), classes),
         {"A1": "A", "A2": "A", "B": "B", "P": "P"},
     )[1] == pytest.approx([0.8])
+    other = _labelled_counts(["X", "Y"], "other")
+    with pytest.raises(ValueError, match="shares no cell type with ref"):
+        scbert.tl.dataset_transfer({"ref": ref, "other": other}, "cell_type", reference="ref", baselines=())
     with pytest.raises(KeyError, match="must name datasets"):
         scbert.tl.dataset_transfer({"ref": ref, "query": query}, "cell_type", reference="atlas", baselines=())
 

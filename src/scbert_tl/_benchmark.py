@@ -256,9 +256,10 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         logger.info("benchmark: %s done in %.0f s", name, seconds)
         return frame
 
-    for stem, adata in datasets.items():
+    per_dataset = [p for p in protocols if p != "transfer"]
+    for stem, adata in datasets.items() if per_dataset else ():
         report += ["", f"## {stem} ({adata.n_obs} cells, {adata.obs[args.label_key].nunique()} types)"]
-        for protocol in [p for p in protocols if p != "transfer"]:
+        for protocol in per_dataset:
             name = f"{stem}_{protocol}"
             t0 = time.perf_counter()
             report += ["", f"### {PROTOCOLS[protocol]}", ""]

@@ -45,17 +45,21 @@ def predict_cells(
     precision: str | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Class probabilities (calibrated when the model has a temperature) and every novelty score of each cell."""
-    if m.classes is None or m.network.classifier is None:
-        raise ValueError(
-            "This model has no classifier (it is pretrained only); fine-tune it first: "
-            "model = scbert.tl.finetune(reference, 'cell_type', model=model)."
-        )
+    _require_classifier(m)
     tokens = tokens_for(adata, m, gene_key=gene_key, layer=layer, use_raw=use_raw)
     (logits,) = run_batches(
         m.network, tokens, _logits, batch_size=batch_size, device=device, precision=precision, desc="annotate"
     )
     temperature = m.calibration["temperature"] if m.calibration else 1.0
     return softmax(logits, temperature), novelty_scores(logits, temperature)
+
+
+def _require_classifier(m: ScBERT) -> None:
+    if m.classes is None or m.network.classifier is None:
+        raise ValueError(
+            "This model has no classifier (it is pretrained only); fine-tune it first: "
+            "model = scbert.tl.finetune(reference, 'cell_type', model=model)."
+        )
 
 
 def _unknown_rule(m: ScBERT, unknown_threshold: float | str, false_unknown_rate: float | None) -> dict[str, Any]:
@@ -162,6 +166,7 @@ def annotate(
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
+    _require_classifier(m)
     rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
     probs, scores = predict_cells(
         adata,

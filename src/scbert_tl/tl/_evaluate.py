@@ -130,12 +130,13 @@ def resolve_baselines(baselines: Sequence[str]) -> list[str]:
 
 def _celltypist(
     train_x: Any, train_y: np.ndarray, test_xs: Sequence[Any], genes: Sequence[str], seed: int
-) -> tuple[list[str], list[np.ndarray]]:
-    """CellTypist trained on the training cells only: its classes and its probability matrix for each of ``test_xs``.
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """CellTypist trained on the training cells only: its classes, and its best match and probability matrix for each of ``test_xs``.
 
     CellTypist fits one-vs-rest logistic regression on scaled log-normalised expression, here by
-    stochastic gradient descent (its ``use_SGD`` mode). Its probabilities are the sigmoids of the
-    one-vs-rest decision values (they need not sum to one); its ``"best match"`` is the most probable class.
+    stochastic gradient descent (its ``use_SGD`` mode). Its best match is the class of the highest
+    decision value; its probabilities are the sigmoids of the one-vs-rest decision values (they need
+    not sum to one, and often all round to 0 or 1 in this mode, so their argmax is no prediction).
     """
     import contextlib
     import io
@@ -146,23 +147,31 @@ def _celltypist(
     genes = np.asarray(genes, dtype=str)
     train = ad.AnnData(train_x, obs=pd.DataFrame({"label": train_y}, index=map(str, range(train_x.shape[0]))))
     train.var_names = genes
+    out = []
     # CellTypist's stochastic-gradient mode: its default solver passes an option scikit-learn 1.8 removed
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = celltypist.train(
             train, labels="label", use_SGD=True, n_jobs=1, check_expression=False, random_state=seed
         )
-        probs = []
         for x in test_xs:
             test = ad.AnnData(x, obs=pd.DataFrame(index=map(str, range(x.shape[0]))))
             test.var_names = genes
-            probs.append(celltypist.annotate(test, model=model, majority_voting=False).probability_matrix)
-    classes = [str(c) for c in probs[0].columns]
-    return classes, [p.to_numpy(dtype=np.float64) for p in probs]
+            result = celltypist.annotate(test, model=model, majority_voting=False)
+            labels = result.predicted_labels["predicted_labels"].astype(str).to_numpy()
+            out.append((labels, result.probability_matrix))
+    classes = [str(c) for c in out[0][1].columns]
+    return classes, [(labels, probs[classes].to_numpy(dtype=np.float64)) for labels, probs in out]
 
 
-def _confidence_scores(probabilities: np.ndarray) -> dict[str, np.ndarray]:
-    return {"probability": 1 - probabilities.max(axis=1)}
+def _of_label(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Each cell's probability of its predicted type."""
+    column = pd.Index(classes).get_indexer(np.asarray(labels, dtype=str))
+    return probabilities[np.arange(len(labels)), column].astype(np.float64)
+
+
+def _confidence_scores(confidence: np.ndarray) -> dict[str, np.ndarray]:
+    return {"probability": 1 - confidence}
 
 
 def predict(
@@ -187,7 +196,8 @@ def predict(
     ``"unknown"`` calls. The baselines use the log-normalised ``ref_x`` / ``query_x`` (same genes,
     ``genes``). When ``validation`` names cells of ``ref``, every method is trained without them, and
     with ``novelty`` each returns novelty scores of the query and of those validation cells (scBERT:
-    every score of :func:`~scbert_tl.tl.annotate`; the baselines: one minus their highest probability).
+    every score of :func:`~scbert_tl.tl.annotate`; the baselines: one minus their probability of the
+    predicted type).
     """
     t0 = time.perf_counter()
     truth = ref.obs[label_key].astype(str).to_numpy()
@@ -209,27 +219,29 @@ def predict(
         kwargs = {k: v for k, v in (finetune_kwargs or {}).items() if k in INPUT_KEYS}
         probs, scores = predict_cells(query, m, **kwargs)
         classes = list(m.classes)
+        labels = np.asarray(classes, dtype=str)[probs.argmax(1)]
         if novelty:
             validation_scores = predict_cells(ref[held].copy(), m, **kwargs)[1]
     elif method == "l1_logistic":
         clf = _fit_l1(ref_x[fit], truth[fit], seed)
         probs, classes = clf.predict_proba(query_x), [str(c) for c in clf.classes_]
+        labels = np.asarray(classes, dtype=str)[probs.argmax(1)]
         if novelty:
-            validation_scores = _confidence_scores(clf.predict_proba(ref_x[held]))
+            validation_scores = _confidence_scores(clf.predict_proba(ref_x[held]).max(1))
     elif method == "celltypist":
         tests = [query_x, ref_x[held]] if novelty else [query_x]
         classes, out = _celltypist(ref_x[fit], truth[fit], tests, genes, seed)
-        probs = out[0]
+        labels, probs = out[0]
         if novelty:
-            validation_scores = _confidence_scores(out[1])
+            validation_scores = _confidence_scores(_of_label(*out[1], classes))
     else:
         raise ValueError(f"Unknown method {method!r}; available: {['scbert', *BASELINES]}.")
+    confidence = _of_label(labels, probs, classes)
     if novelty and method != "scbert":
-        scores = _confidence_scores(probs)
-    labels = np.asarray(classes, dtype=str)[probs.argmax(1)]
+        scores = _confidence_scores(confidence)
     return Prediction(
         labels,
-        probs.max(1).astype(np.float64),
+        confidence,
         time.perf_counter() - t0,
         probabilities=probs,
         classes=classes,

@@ -274,6 +274,11 @@ def dataset_transfer(
         scored = [t for t in train_shared if t in query_types]
         unseen = int((~np.isin(truth, train_shared)).sum())
         unmatched = [t for t in train_shared if t not in query_types]
+        if not scored:
+            raise ValueError(
+                f"{held_out} shares no cell type with {', '.join(train_names)} (types {query_types[:5]} against "
+                f"{train_shared[:5]}); pass label_map to map the labels to a shared level."
+            )
         genes = _training_genes(train_parts).intersection(query.var_names, sort=False)
         training[held_out] = {
             "datasets": list(train_names),
