@@ -356,7 +356,12 @@ def _records(adata):
         for t in ("B", "NK")
         for th in (0.3, 0.5, 0.7)
     ]
-    adata.uns["novel"] = {"results": pd.DataFrame(novel)}
+    chosen = [
+        {"method": "scbert", "score": score, "left_out": t, "fold": 0, "known_accuracy": acc, "novel_recall": 0.9}
+        for t in ("B", "NK")
+        for score, acc in (("energy", 0.8), ("probability", 0.6))
+    ]
+    adata.uns["novel"] = {"results": pd.DataFrame(novel), "chosen": pd.DataFrame(chosen)}
 
 
 def test_evaluation_plots_draw_the_results(tmp_path):
@@ -379,6 +384,8 @@ def test_evaluation_plots_draw_the_results(tmp_path):
     assert [line.get_label() for line in ax.lines] == ["B", "NK"]
     np.testing.assert_allclose(ax.lines[0].get_xdata(), [0.85, 0.75, 0.65])
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.3, 0.5, 0.7])
+    stars = [c for c in ax.collections if c.get_sizes()[0] == 120]  # the validation-chosen energy thresholds
+    assert len(stars) == 2 and all(np.allclose(c.get_offsets(), [[0.8, 0.9]]) for c in stars)
     ax.figure.savefig(tmp_path / "novel.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("cv.png", "size.png", "novel.png"))
     with pytest.raises(KeyError, match="run scbert.tl.cross_validate"):

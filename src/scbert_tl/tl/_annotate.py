@@ -113,9 +113,10 @@ def annotate(
     the log-sum-exp of the classifier's logits; high when no type fits the cell) exceeds the
     threshold that calls a share ``false_unknown_rate`` of the model's validation cells unknown:
     with the default 5%, about 1 in 20 cells of the known types is expected to be called unknown,
-    and cells of a type absent from training far more often. On held-out types the energy score
-    separated novel from known cells better than the highest class probability (see the
-    benchmarks page).
+    and cells of a type absent from training far more often. With B cells left out of PBMC3k, the
+    energy score told them from known cells far better than the highest class probability (AUROC
+    0.96 against 0.75), and about as well with gamma cells left out of the Baron pancreas (0.97
+    against 0.98; see the benchmarks page).
 
     Parameters
     ----------

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..train._calibration import expected_calibration_error
+from ..train._calibration import NOVELTY_SCORE, expected_calibration_error
 from ._annotate import DEFAULT_FALSE_UNKNOWN_RATE
 from ._evaluate import base_params, iter_folds, labelled, store
 from ._finetune import stratified_split
@@ -191,7 +191,8 @@ def novel_type_detection(
                     {"method": method, **run, "predicted": str(p), "n": int(k)}
                     for p, k in zip(predicted, n, strict=True)
                 ]
-                best = chosen[-len(pred.novelty)]
+                mine = chosen[-len(pred.novelty) :]
+                best = next((c for c in mine if c["score"] == NOVELTY_SCORE), mine[0])  # what annotate uses
                 logger.info(
                     "  %s: at the threshold for %.0f%% false unknowns on validation cells (%s), novel recall %.3f, "
                     "known accuracy %.3f; ECE %.3f",
