@@ -172,8 +172,11 @@ def test_class_imbalance_has_the_requested_design(data, model, calls, tmp_path):
         scbert.tl.class_imbalance(data, "cell_type", types=["B", "T rex"], model=model)
 
 
-def test_novel_type_never_in_training_and_recall_grows_with_the_threshold(data, model, calls, tmp_path):
+def test_novel_type_never_in_training_and_recall_grows_with_the_threshold(data, model, calls, tmp_path, monkeypatch):
     thresholds = (0.0, 0.3, 0.5, 0.9, 1.0)
+    fitted = []  # cells L1 logistic regression is trained on
+    fit_l1 = _evaluate._fit_l1
+    monkeypatch.setattr(_evaluate, "_fit_l1", lambda x, y, seed: fitted.append(len(y)) or fit_l1(x, y, seed))
     frame = scbert.tl.novel_type_detection(
         data, "cell_type", leave_out="NK", thresholds=thresholds, model=model, n_splits=4, finetune_kwargs=FAST
     )
@@ -189,6 +192,19 @@ def test_novel_type_never_in_training_and_recall_grows_with_the_threshold(data, 
         zero, one = part.iloc[0], part.iloc[-1]
         assert zero["novel_recall"] == 0 and zero["known_accuracy"] == zero["known_accuracy_forced"]
         assert one["novel_recall"] == 1 and one["known_accuracy"] == 0  # confidence never exceeds 1
+    chosen = data.uns["scbert_novel"]["chosen"]
+    assert sorted(zip(chosen["method"], chosen["score"], strict=True)) == [
+        ("l1_logistic", "probability"),
+        ("scbert", "calibrated_probability"),
+        ("scbert", "energy"),
+        ("scbert", "probability"),
+    ]
+    assert chosen["auroc"].between(0, 1).all() and chosen["ece"].between(0, 1).all()
+    # thresholds chosen on validation cells of known types only, the same cells for every method
+    (validation,) = {frozenset(v) for m, _, _, v in calls if m == "scbert"}
+    assert validation and not validation & nk
+    assert len(fitted) == 1 and fitted[0] == len(calls[0][1]) - len(validation)  # L1 did not train on them
+    assert (chosen["validation_unknown"] <= 0.05 + 1 / len(validation)).all()
     novel_as = data.uns["scbert_novel"]["novel_as"]
     assert set(novel_as["predicted"]) <= {"B", "CD14+ Mono", "Naive CD4 T"}
     assert novel_as.groupby("method")["n"].sum().eq(len(nk)).all()
@@ -213,6 +229,105 @@ def test_dataset_transfer_never_trains_on_the_held_out_dataset(data, model, call
     assert parts[2].uns["scbert_transfer"]["results"] is not None
     with pytest.raises(ValueError, match="at least two datasets"):
         scbert.tl.dataset_transfer(parts[:1], "cell_type", model=model)
+
+
+def _labelled_counts(labels, name, n_genes=30, seed=0):
+    rng = np.random.default_rng(seed)
+    obs = pd.DataFrame({"cell_type": labels}, index=[f"c{i}" for i in range(len(labels))])
+    x = rng.poisson(2.0, (len(labels), n_genes)).astype(np.float32)
+    return ad.AnnData(x, obs=obs, var=pd.DataFrame(index=[f"G{j}" for j in range(n_genes)]))
+
+
+def test_transfer_scores_a_query_labelled_at_another_level(monkeypatch, tmp_path):
+    """Hand-made: fine reference types mapped to query lineages; an unmatched reference type, an unseen query type."""
+    ref = _labelled_counts(["A1"] * 3 + ["A2"] * 3 + ["B"] * 3 + ["P"] * 2, "ref")
+    query = _labelled_counts(["A", "A", "A", "B", "B", "C", "?", "?"], "query", seed=1)
+    classes = ["A1", "A2", "B", "P"]
+    # what the method predicts for the scored query cells (the '?' cells are left out), with probabilities
+    predicted = {"c0": "A1", "c1": "A2", "c2": "P", "c3": "B", "c4": "A1", "c5": "B"}
+    probabilities = {"c0": [0.5, 0.3, 0.1, 0.1]}
+    seen = []
+
+    def stub(method, fit, q, label_key, **kwargs):
+        if method == "l1_logistic":  # the baselines' expression: the same cells, on the genes both share
+            assert kwargs["ref_x"].shape == (fit.n_obs, len(kwargs["genes"])) and kwargs["query_x"].shape[0] == q.n_obs
+            return stub("scbert", fit, q, label_key)
+        seen.append((sorted(set(fit.obs[label_key])), list(q.obs_names)))
+        names = [n.split(":")[1] for n in q.obs_names]
+        labels = np.array([predicted[n] for n in names])
+        probs = np.array([probabilities.get(n, np.eye(4)[classes.index(predicted[n])]) for n in names])
+        return _evaluate.Prediction(labels, probs.max(1), 0.0, probabilities=probs, classes=classes)
+
+    monkeypatch.setattr(_transfer, "predict", stub)
+    frame = scbert.tl.dataset_transfer(
+        {"ref": ref, "query": query},
+        "cell_type",
+        reference="ref",
+        label_map={"A1": "A", "A2": "A", "?": None},
+        baselines=("l1_logistic",),
+    )
+    assert seen == [(classes, [f"query:c{i}" for i in range(6)])] * 2  # trained on its own types; '?' not scored
+    assert frame.drop(columns="method").iloc[0].equals(frame.drop(columns="method").iloc[1])
+    row = frame.iloc[0]
+    assert (row["held_out"], row["reference"], row["n_test"], row["n_unseen"], row["n_unmatched"]) == (
+        "query",
+        "ref",
+        6,
+        1,
+        1,
+    )
+    # shared predictions A A P B A B against truth A A A B B C: 3 of 6 right
+    assert row["accuracy"] == pytest.approx(0.5)
+    # over the types both have (A, B): F1(A) = 2*2/(2*2+1+1), F1(B) = 2*1/(2*1+1+1)
+    assert row["f1:A"] == pytest.approx(2 / 3) and row["f1:B"] == pytest.approx(0.5)
+    assert row["macro_f1"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert "f1:P" not in frame and "f1:C" not in frame
+    training = query.uns["scbert_transfer"]["training"]["query"]
+    assert list(training["unmatched"]) == ["P"] and list(training["unseen"]) == ["C"]
+    assert training["labels"] == "own" and training["label_map"] == {"A1": "A", "A2": "A"}
+    query.write_h5ad(tmp_path / "query.h5ad")  # the record, with its label map, is saved with the data
+    params = ad.read_h5ad(tmp_path / "query.h5ad").uns["scbert_transfer"]["params"]
+    assert json.loads(params["label_map"]) == {"A1": "A", "A2": "A", "?": None} and params["reference"] == ["ref"]
+    # the probability of a shared label sums its types: cell c0 is A1 0.5 + A2 0.3
+    assert _transfer._shared_prediction(
+        _evaluate.Prediction(np.array(["A1"]), np.array([0.5]), 0, np.array([[0.5, 0.3, 0.1, 0.1]]), classes),
+        {"A1": "A", "A2": "A", "B": "B", "P": "P"},
+    )[1] == pytest.approx([0.8])
+    other = _labelled_counts(["X", "Y"], "other")
+    with pytest.raises(ValueError, match="shares no cell type with ref"):
+        scbert.tl.dataset_transfer({"ref": ref, "other": other}, "cell_type", reference="ref", baselines=())
+    with pytest.raises(KeyError, match="must name datasets"):
+        scbert.tl.dataset_transfer({"ref": ref, "query": query}, "cell_type", reference="atlas", baselines=())
+
+
+def test_transfer_pools_references_at_the_shared_level_of_an_obs_column(monkeypatch, tmp_path):
+    a = _labelled_counts(["A1", "A2", "B", "B"], "a")
+    a.obs["lineage"] = ["A", "A", "B", np.nan]  # the last cell is left out
+    b = _labelled_counts(["A", "A", "B", "B"], "b", seed=1)  # labelled at the shared level: no column
+    c = _labelled_counts(["A9", "A9", "B", "B"], "c", seed=2)
+    c.obs["lineage"] = ["A", "A", "B", "B"]
+    seen = {}
+
+    def stub(method, fit, q, label_key, **kwargs):
+        seen[q.obs_names[0].split(":")[0]] = (sorted(fit.obs[label_key]), q.n_obs)
+        labels = np.array(["A"] * q.n_obs)
+        return _evaluate.Prediction(labels, np.ones(q.n_obs), 0.0)
+
+    monkeypatch.setattr(_transfer, "predict", stub)
+    frame = scbert.tl.dataset_transfer([a, b, c], "cell_type", names=["a", "b", "c"], label_map="lineage", baselines=())
+    assert list(frame["held_out"]) == ["a", "b", "c"]
+    assert seen["a"] == (["A", "A", "A", "A", "B", "B", "B", "B"], 3)  # b and c pooled at the shared level
+    assert seen["c"] == (["A", "A", "A", "A", "B", "B", "B"], 4)  # a's unlabelled cell left out
+    assert frame.set_index("held_out").loc["a", "n_test"] == 3
+    b.write_h5ad(tmp_path / "b.h5ad")
+    ambiguous = _labelled_counts(["A1", "A1", "B"], "x")
+    ambiguous.obs["lineage"] = ["A", "Z", "B"]
+    with pytest.raises(ValueError, match="more than one shared label"):
+        scbert.tl.dataset_transfer(
+            {"x": ambiguous, "b": b}, "cell_type", reference="x", label_map="lineage", baselines=()
+        )
+    with pytest.raises(KeyError, match="none of the datasets has"):
+        scbert.tl.dataset_transfer([a, b], "cell_type", label_map="level", baselines=())
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -241,7 +356,12 @@ def _records(adata):
         for t in ("B", "NK")
         for th in (0.3, 0.5, 0.7)
     ]
-    adata.uns["novel"] = {"results": pd.DataFrame(novel)}
+    chosen = [
+        {"method": "scbert", "score": score, "left_out": t, "fold": 0, "known_accuracy": acc, "novel_recall": 0.9}
+        for t in ("B", "NK")
+        for score, acc in (("energy", 0.8), ("probability", 0.6))
+    ]
+    adata.uns["novel"] = {"results": pd.DataFrame(novel), "chosen": pd.DataFrame(chosen)}
 
 
 def test_evaluation_plots_draw_the_results(tmp_path):
@@ -264,6 +384,8 @@ def test_evaluation_plots_draw_the_results(tmp_path):
     assert [line.get_label() for line in ax.lines] == ["B", "NK"]
     np.testing.assert_allclose(ax.lines[0].get_xdata(), [0.85, 0.75, 0.65])
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.3, 0.5, 0.7])
+    stars = [c for c in ax.collections if c.get_sizes()[0] == 120]  # the validation-chosen energy thresholds
+    assert len(stars) == 2 and all(np.allclose(c.get_offsets(), [[0.8, 0.9]]) for c in stars)
     ax.figure.savefig(tmp_path / "novel.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("cv.png", "size.png", "novel.png"))
     with pytest.raises(KeyError, match="run scbert.tl.cross_validate"):
@@ -287,6 +409,36 @@ def test_cli_benchmark_writes_a_report_and_fails_cleanly(data, model, tmp_path, 
     results = json.loads((out / "results.json").read_text())
     assert len(results["results"]["cells_cv"]["rows"]) == 4 and "torch" in results["versions"]
     assert pd.read_csv(out / "cells_novel.csv")["left_out"].eq("B").all()
+    assert "At the threshold chosen on the validation cells" in report
+    assert set(pd.read_csv(out / "cells_novel_chosen.csv")["score"]) == {
+        "energy",
+        "probability",
+        "calibrated_probability",
+    }
+    # transfer from a reference at one resolution to a query labelled at another
+    ref, query = data[::2].copy(), data[1::2].copy()
+    lineage = {"Naive CD4 T": "T", "CD14+ Mono": "Mono"}
+    query.obs["cell_type"] = query.obs["cell_type"].map(lambda t: lineage.get(t, t))
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    (tmp_path / "lineage.json").write_text(json.dumps(lineage))
+    files = [str(tmp_path / "ref.h5ad"), str(tmp_path / "query.h5ad")]
+    transfer = [
+        "benchmark",
+        *files,
+        "--label-key",
+        "cell_type",
+        "--out",
+        str(tmp_path / "tr"),
+        "--protocols",
+        "transfer",
+    ]
+    more = ["--reference", "ref", "--label-map", str(tmp_path / "lineage.json")]
+    assert main([*transfer, *options[:-4], "--baselines", "l1_logistic", *more, "-q"]) == 0
+    rows = pd.read_csv(tmp_path / "tr" / "transfer.csv")
+    assert list(rows["held_out"]) == ["query", "query"] and set(rows["reference"]) == {"ref"}
+    assert {"f1:T", "f1:Mono", "f1:B", "f1:NK", "ece"} <= set(rows.columns)
+    assert "trained on ref (own labels)" in (tmp_path / "tr" / "report.md").read_text()
     capsys.readouterr()
     # errors: a clear message and exit status 1
     bad = [
@@ -299,6 +451,7 @@ def test_cli_benchmark_writes_a_report_and_fails_cleanly(data, model, tmp_path, 
         ),
         ([*argv[:3], "kind", "--out", str(tmp_path / "r5")], "--label-key 'kind' is not a column"),
         ([*argv[:-1], str(tmp_path / "r6"), "--folds", "0,a"], "--folds must be a comma-separated list"),
+        ([*transfer[:-3], str(tmp_path / "r7"), "--protocols", "transfer", "--label-map", "no.json"], "no such file"),
     ]
     for args, message in bad:
         assert main([*args, "-q"]) == 1, message

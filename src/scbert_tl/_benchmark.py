@@ -26,7 +26,7 @@ PROTOCOLS = {
     "size": "reference-size curve",
     "novel": "novel-type detection",
     "imbalance": "class imbalance",
-    "transfer": "leave-one-dataset-out transfer",
+    "transfer": "transfer between datasets",
 }
 
 
@@ -39,7 +39,7 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         "CellTypist, on the same folds) and write REPORT_DIR/report.md with tables, PNG figures, CSV tables and "
         "results.json. Protocols: cv (stratified cross-validation), size (reference-size curve), novel "
         "(leave-one-type-out novel-type detection), imbalance (large and rare types alternating), transfer "
-        "(leave-one-dataset-out; needs two or more files). All but transfer run on each file.",
+        "(train on one file, annotate another; needs two or more files). All but transfer run on each file.",
     )
     bench.add_argument("inputs", type=Path, nargs="+", metavar="IN.h5ad")
     bench.add_argument("--label-key", required=True, help="obs column with the cell types (in every file)")
@@ -70,12 +70,31 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         "--thresholds", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="novel: 'unknown' thresholds to sweep"
     )
     bench.add_argument(
+        "--false-unknown-rate",
+        type=float,
+        default=0.05,
+        help="novel: share of validation cells the chosen thresholds call 'unknown' (default: 0.05)",
+    )
+    bench.add_argument(
         "--types",
         action="append",
         metavar="TYPE",
         help="imbalance: types in design order large, small, ... (repeatable)",
     )
     bench.add_argument("--ratio", type=float, default=100, help="imbalance: large-to-small ratio (default: 100)")
+    bench.add_argument(
+        "--reference",
+        action="append",
+        metavar="NAME",
+        help="transfer: train on this input (its file name without .h5ad; repeatable) and annotate the others "
+        "(default: leave one input out in turn)",
+    )
+    bench.add_argument(
+        "--label-map",
+        metavar="JSON|COLUMN",
+        help="transfer: score at a shared label level: a JSON file mapping labels to shared labels (null: leave "
+        "those cells out), or an obs column holding every cell's shared label",
+    )
     bench.add_argument("--epochs", type=int, default=10, help="maximum fine-tuning epochs (default: 10)")
     bench.add_argument("--patience", type=int, default=3, help="epochs without validation improvement (default: 3)")
     bench.add_argument("--batch-size", type=int, default=32)
@@ -92,6 +111,22 @@ def _list(text: str, cast: Any = str, what: str = "value") -> list:
         return [cast(t) for t in items]
     except ValueError:
         raise ValueError(f"{what} must be a comma-separated list of numbers, got {text!r}.") from None
+
+
+def _label_map(text: str | None) -> dict[str, str | None] | str | None:
+    """``--label-map``: a JSON file of label -> shared label, else the name of an obs column."""
+    if text is None or not text.lower().endswith(".json"):
+        return text
+    path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(f"--label-map {text}: no such file.")
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--label-map {text} is not valid JSON ({e}).") from e
+    if not isinstance(mapping, dict):
+        raise ValueError(f"--label-map {text} must hold a JSON object of label -> shared label (or null).")
+    return mapping
 
 
 def _machine() -> str:
@@ -170,6 +205,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         raise ValueError(f"Unknown protocols {unknown or protocols}; choose from {','.join(PROTOCOLS)}.")
     if "transfer" in protocols and len(args.inputs) < 2:
         raise ValueError("The transfer protocol needs two or more input files (train on all but one, test on it).")
+    label_map = _label_map(args.label_map)
     baselines = [] if args.baselines.strip().lower() == "none" else _list(args.baselines)
     folds = None if args.folds is None else _list(args.folds, int, "--folds")
     fractions = _list(args.fractions, float, "--fractions")
@@ -220,9 +256,10 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
         logger.info("benchmark: %s done in %.0f s", name, seconds)
         return frame
 
-    for stem, adata in datasets.items():
+    per_dataset = [p for p in protocols if p != "transfer"]
+    for stem, adata in datasets.items() if per_dataset else ():
         report += ["", f"## {stem} ({adata.n_obs} cells, {adata.obs[args.label_key].nunique()} types)"]
-        for protocol in [p for p in protocols if p != "transfer"]:
+        for protocol in per_dataset:
             name = f"{stem}_{protocol}"
             t0 = time.perf_counter()
             report += ["", f"### {PROTOCOLS[protocol]}", ""]
@@ -230,11 +267,13 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
                 tl.cross_validate(adata, args.label_key, folds=folds, key_added="bench_cv", **split, **common)
                 frame = record(name, adata, "bench_cv", time.perf_counter() - t0)
                 report += [
-                    _markdown(_mean_sd(frame, ["method"], ["accuracy", "macro_f1"])),
+                    _markdown(_mean_sd(frame, ["method"], ["accuracy", "macro_f1", "ece"])),
                     "",
-                    "Per fold:",
+                    "Per fold (ece: expected calibration error of the test cells):",
                     "",
-                    _markdown(frame[["method", "fold", "n_train", "n_test", "accuracy", "macro_f1", "seconds"]], 3),
+                    _markdown(
+                        frame[["method", "fold", "n_train", "n_test", "accuracy", "macro_f1", "ece", "seconds"]], 3
+                    ),
                 ]
                 _save(pl.cross_validation(adata, key="bench_cv", show=False), out / f"{name}.png")
             elif protocol == "size":
@@ -251,6 +290,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
                     args.label_key,
                     leave_out=args.leave_out,
                     thresholds=thresholds,
+                    false_unknown_rate=args.false_unknown_rate,
                     key_added="bench_novel",
                     **split,
                     **one_fold,
@@ -259,9 +299,23 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
                 frame = record(name, adata, "bench_novel", time.perf_counter() - t0)
                 cols = ["novel_recall", "known_accuracy", "known_unknown"]
                 table = frame.groupby(["method", "left_out", "threshold"], sort=False)[cols].mean().reset_index()
+                chosen = adata.uns["bench_novel"]["chosen"]
+                chosen.to_csv(out / f"{name}_chosen.csv", index=False)
+                by = ["method", "score", "left_out"]
+                chosen_table = chosen.groupby(by, sort=False)[
+                    ["threshold", "validation_unknown", *cols, "auroc", "ece"]
+                ].mean()
                 report += [
                     "novel_recall: share of the left-out type called 'unknown'; known_accuracy: share of known "
                     "test cells given their true type ('unknown' counts as wrong).",
+                    "",
+                    f"At the threshold chosen on the validation cells (without the left-out type) for "
+                    f"{args.false_unknown_rate:.0%} false unknowns there, per novelty score (auroc: novel against "
+                    "known test cells; ece: expected calibration error on the known test cells):",
+                    "",
+                    _markdown(chosen_table.reset_index()),
+                    "",
+                    "Sweep of the probability threshold:",
                     "",
                     _markdown(table),
                 ]
@@ -292,19 +346,40 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
                     )
                     + ".",
                     "",
-                    _markdown(_mean_sd(frame, ["method"], ["accuracy", "macro_f1", *f1])),
+                    _markdown(_mean_sd(frame, ["method"], ["accuracy", "macro_f1", "ece", *f1])),
                 ]
                 metrics = ["macro_f1", *(f"f1:{t}" for t in info["rare"])]
                 _save(
                     pl.cross_validation(adata, key="bench_imbalance", metrics=metrics, show=False), out / f"{name}.png"
                 )
     if "transfer" in protocols:
-        report += ["", "## leave-one-dataset-out transfer", ""]
+        report += ["", f"## {PROTOCOLS['transfer']}", ""]
         t0 = time.perf_counter()
-        tl.dataset_transfer(datasets, args.label_key, key_added="bench_transfer", **common)
+        tl.dataset_transfer(
+            datasets,
+            args.label_key,
+            reference=args.reference,
+            label_map=label_map,
+            key_added="bench_transfer",
+            **common,
+        )
         first = next(iter(datasets.values()))
         frame = record("transfer", first, "bench_transfer", time.perf_counter() - t0)
-        report += [_markdown(frame[["method", "held_out", "n_train", "n_test", "n_unseen", "accuracy", "macro_f1"]])]
+        columns = ["method", "reference", "held_out", "n_train", "n_test", "n_unseen", "n_unmatched"]
+        training = first.uns["bench_transfer"]["training"]
+        report += [
+            "n_unseen: query cells of types the training lacks; n_unmatched: query cells predicted as a training "
+            "type the query lacks (both count as errors).",
+            "",
+            _markdown(frame[[*columns, "accuracy", "macro_f1", "ece"]]),
+            "",
+            *(
+                f"- {query}: trained on {', '.join(info['datasets'])} ({info['labels']} labels), baselines on "
+                f"{info['n_genes']} shared genes; training types the query lacks: "
+                f"{', '.join(info['unmatched']) or 'none'}"
+                for query, info in training.items()
+            ),
+        ]
         _save(pl.cross_validation(first, key="bench_transfer", show=False), out / "transfer.png")
     report += [
         "",

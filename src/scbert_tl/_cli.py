@@ -76,7 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     an.add_argument("input", type=Path, metavar="IN.h5ad")
     an.add_argument("--model", required=True, help="a saved model directory")
     an.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
-    an.add_argument("--unknown-threshold", type=float, default=0.5, help="confidence below which cells are 'unknown'")
+    an.add_argument(
+        "--unknown-threshold",
+        type=_threshold,
+        default="auto",
+        help="'auto' (default: the model's energy-score threshold chosen on its validation cells) or a probability "
+        "below which cells are 'unknown'",
+    )
+    an.add_argument(
+        "--false-unknown-rate",
+        type=float,
+        help="with 'auto': the share of known cells accepted as 'unknown' on the validation cells (default: 0.05)",
+    )
     an.add_argument("--key-added", default="scbert")
     an.add_argument("--embed", action="store_true", help="also write obsm['X_scbert']")
     an.add_argument("--batch-size", type=int)
@@ -115,6 +126,15 @@ def _check_input(path: Path) -> None:
             f"{path} is not an .h5ad file (not HDF5). Convert it first, e.g. with scanpy: "
             "sc.read_10x_mtx(...), sc.read_csv(...) or anndata.read_zarr(...), then .write_h5ad('data.h5ad')."
         )
+
+
+def _threshold(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number, got {text!r}") from None
 
 
 def _read(path: Path):
@@ -175,7 +195,14 @@ def _annotate(args: argparse.Namespace) -> int:
     model = ScBERT.load(args.model)
     adata = _read(args.input)
     kwargs = {"gene_key": args.gene_key, "layer": args.layer, "use_raw": args.use_raw, "batch_size": args.batch_size}
-    tl.annotate(adata, model, unknown_threshold=args.unknown_threshold, key_added=args.key_added, **kwargs)
+    tl.annotate(
+        adata,
+        model,
+        unknown_threshold=args.unknown_threshold,
+        false_unknown_rate=args.false_unknown_rate,
+        key_added=args.key_added,
+        **kwargs,
+    )
     if args.embed:
         tl.embed(adata, model, **kwargs)
     args.out.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the work

@@ -59,6 +59,11 @@ class ScBERT:
         Where the weights come from and how they were trained (saved with the model).
     history
         Training history, one dict per epoch (saved with the model).
+    calibration
+        What :func:`~scbert_tl.tl.finetune` fitted on the validation cells for calibrated
+        probabilities and ``"unknown"`` calls: the ``temperature``, the novelty ``score`` and its
+        validation ``quantiles`` (saved with the model; ``None`` for a model without it, such as an
+        original checkpoint).
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class ScBERT:
         normalization: Normalization = "library",
         provenance: dict[str, Any] | None = None,
         history: list[dict[str, Any]] | None = None,
+        calibration: dict[str, Any] | None = None,
     ) -> None:
         genes = [str(g) for g in genes]
         c = network.config
@@ -101,6 +107,7 @@ class ScBERT:
         self.normalization = normalization
         self.provenance = dict(provenance or {})
         self.history = list(history or [])
+        self.calibration = dict(calibration) if calibration else None
 
     # ------------------------------------------------------------------------------------------ info
     @property
@@ -314,11 +321,12 @@ class ScBERT:
             normalization=meta.get("normalization", "library"),
             provenance=meta.get("provenance"),
             history=meta.get("history"),
+            calibration=meta.get("calibration"),
         )
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the model as a directory: ``config.json`` (architecture, genes, classes, provenance, history) and ``model.pt`` (state dict).
+        """Write the model as a directory: ``config.json`` (architecture, genes, classes, provenance, history, calibration) and ``model.pt`` (state dict).
 
         ``config.json`` records the SHA-256 of ``model.pt``; :meth:`load` refuses weights that no longer
         match it.
@@ -349,6 +357,7 @@ class ScBERT:
             "classes": self.classes,
             "provenance": self.provenance,
             "history": self.history,
+            "calibration": self.calibration,
         }
         state = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
         # New files are written beside their targets, then moved into place. Replacing a model swaps only

@@ -152,8 +152,10 @@ def novel_type_detection(
     """Novel-type recall against known-type accuracy as the ``"unknown"`` threshold moves.
 
     One line per left-out type (colour) and method (line style; with a single left-out type, colour),
-    each point a threshold (mean over folds); the threshold ``mark`` is drawn larger. Up and to the
-    right is better.
+    each point a probability threshold (mean over folds); the threshold ``mark`` is drawn larger. A
+    star marks each method's threshold chosen on the validation cells (scBERT: its energy score, as
+    :func:`~scbert_tl.tl.annotate` by default; the baselines: their probability). Up and to the right
+    is better.
 
     Parameters
     ----------
@@ -187,6 +189,7 @@ def novel_type_detection(
         if missing:
             raise KeyError(f"Left-out types {missing} are not in the results; they have {types}.")
         types = left_out
+    chosen = adata.uns[key].get("chosen")
     ax = new_axes(ax, (5.5, 4))
     styles = ["-", "--", ":", "-."]
     by_method = len(types) == 1  # one type: a colour per method; else a colour per type, a style per method
@@ -202,11 +205,27 @@ def novel_type_detection(
             )
             if mark in mean.index:
                 ax.scatter(mean.loc[mark, "known_accuracy"], mean.loc[mark, "novel_recall"], s=45, color=colour)
+            point = _chosen_point(chosen, method, novel)
+            if point is not None:
+                ax.scatter(*point, s=120, marker="*", color=colour, edgecolor="black", linewidth=0.5, zorder=4)
     ax.set_xlabel("known-type accuracy ('unknown' counts as wrong)")
     ax.set_ylabel("novel type called 'unknown'")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"large dots: threshold {mark:g}", fontsize="small")
+    stars = "; stars: chosen on validation cells" if chosen is not None and len(chosen) else ""
+    ax.set_title(f"large dots: threshold {mark:g}{stars}", fontsize="small")
     ax.legend(fontsize="x-small", loc="best", title="left out")
     ax.grid(False)
     return finish(ax, show)
+
+
+def _chosen_point(chosen: pd.DataFrame | None, method: str, left_out: str) -> tuple[float, float] | None:
+    """(known accuracy, novel recall) at the validation-chosen threshold of the default score, mean over folds."""
+    if chosen is None or not len(chosen):
+        return None
+    rows = chosen[(chosen["method"] == method) & (chosen["left_out"] == left_out)]
+    scores = set(rows["score"])
+    rows = rows[rows["score"] == ("energy" if "energy" in scores else "probability")]
+    if not len(rows):
+        return None
+    return float(rows["known_accuracy"].mean()), float(rows["novel_recall"].mean())

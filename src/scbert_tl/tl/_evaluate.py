@@ -65,11 +65,20 @@ def log_normalised(adata: AnnData, **input_params: Any) -> Any:
 # ------------------------------------------------------------------------------------------ methods
 @dataclass
 class Prediction:
-    """A method's most likely type per test cell, its own confidence in it, and the seconds it took."""
+    """A method's most likely type per test cell, its probability, and the seconds it took.
+
+    ``probabilities`` (cells x ``classes``) are the method's class probabilities; ``novelty`` holds
+    novelty scores of the test cells (higher = less like the training types) and
+    ``validation_novelty`` the same scores of the validation cells, when the protocol asked for them.
+    """
 
     labels: np.ndarray
     confidence: np.ndarray
     seconds: float
+    probabilities: np.ndarray | None = None
+    classes: list[str] | None = None
+    novelty: dict[str, np.ndarray] = field(default_factory=dict)
+    validation_novelty: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _l1_model(seed: int) -> Any:
@@ -120,12 +129,14 @@ def resolve_baselines(baselines: Sequence[str]) -> list[str]:
 
 
 def _celltypist(
-    train_x: Any, train_y: np.ndarray, test_x: Any, genes: Sequence[str], seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions of CellTypist trained on the training cells only.
+    train_x: Any, train_y: np.ndarray, test_xs: Sequence[Any], genes: Sequence[str], seed: int
+) -> tuple[list[str], list[tuple[np.ndarray, np.ndarray]]]:
+    """CellTypist trained on the training cells only: its classes, and its best match and probability matrix for each of ``test_xs``.
 
     CellTypist fits one-vs-rest logistic regression on scaled log-normalised expression, here by
-    stochastic gradient descent (its ``use_SGD`` mode). The confidence is CellTypist's own probability of the predicted type (its ``"best match"`` mode).
+    stochastic gradient descent (its ``use_SGD`` mode). Its best match is the class of the highest
+    decision value; its probabilities are the sigmoids of the one-vs-rest decision values (they need
+    not sum to one, and often all round to 0 or 1 in this mode, so their argmax is no prediction).
     """
     import contextlib
     import io
@@ -136,19 +147,31 @@ def _celltypist(
     genes = np.asarray(genes, dtype=str)
     train = ad.AnnData(train_x, obs=pd.DataFrame({"label": train_y}, index=map(str, range(train_x.shape[0]))))
     train.var_names = genes
-    test = ad.AnnData(test_x, obs=pd.DataFrame(index=map(str, range(test_x.shape[0]))))
-    test.var_names = genes
+    out = []
     # CellTypist's stochastic-gradient mode: its default solver passes an option scikit-learn 1.8 removed
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = celltypist.train(
             train, labels="label", use_SGD=True, n_jobs=1, check_expression=False, random_state=seed
         )
-        result = celltypist.annotate(test, model=model, majority_voting=False)
-    labels = result.predicted_labels["predicted_labels"].astype(str).to_numpy()
-    probs = result.probability_matrix
-    confidence = probs.to_numpy()[np.arange(len(labels)), probs.columns.get_indexer(labels)]
-    return labels, confidence.astype(np.float64)
+        for x in test_xs:
+            test = ad.AnnData(x, obs=pd.DataFrame(index=map(str, range(x.shape[0]))))
+            test.var_names = genes
+            result = celltypist.annotate(test, model=model, majority_voting=False)
+            labels = result.predicted_labels["predicted_labels"].astype(str).to_numpy()
+            out.append((labels, result.probability_matrix))
+    classes = [str(c) for c in out[0][1].columns]
+    return classes, [(labels, probs[classes].to_numpy(dtype=np.float64)) for labels, probs in out]
+
+
+def _of_label(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Each cell's probability of its predicted type."""
+    column = pd.Index(classes).get_indexer(np.asarray(labels, dtype=str))
+    return probabilities[np.arange(len(labels)), column].astype(np.float64)
+
+
+def _confidence_scores(confidence: np.ndarray) -> dict[str, np.ndarray]:
+    return {"probability": 1 - confidence}
 
 
 def predict(
@@ -161,39 +184,70 @@ def predict(
     query_x: Any = None,
     genes: Sequence[str] | None = None,
     model: str | os.PathLike | ScBERT = "compact",
-    validation: float = 0.1,
+    validation: float | Sequence[str] = 0.1,
     finetune_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
+    novelty: bool = False,
 ) -> Prediction:
     """Train ``method`` on ``ref`` (labelled) and predict ``query``; nothing of the query is used for training.
 
-    scBERT is fine-tuned on ``ref`` (its validation cells drawn from ``ref``) and annotates ``query``
-    without ``"unknown"`` calls. The baselines use the log-normalised ``ref_x`` / ``query_x`` (same
-    genes, ``genes``).
+    scBERT is fine-tuned on ``ref`` (its validation cells, for model selection and calibration,
+    drawn from ``ref``) and predicts ``query`` with its calibrated probabilities, without
+    ``"unknown"`` calls. The baselines use the log-normalised ``ref_x`` / ``query_x`` (same genes,
+    ``genes``). When ``validation`` names cells of ``ref``, every method is trained without them, and
+    with ``novelty`` each returns novelty scores of the query and of those validation cells (scBERT:
+    every score of :func:`~scbert_tl.tl.annotate`; the baselines: one minus their probability of the
+    predicted type).
     """
     t0 = time.perf_counter()
     truth = ref.obs[label_key].astype(str).to_numpy()
+    held = None if isinstance(validation, float | int) else np.asarray(ref.obs_names.isin(list(validation)))
+    if novelty and (held is None or not held.any()):
+        raise ValueError("Novelty scores need named validation cells (validation=<obs names of ref>).")
+    fit = slice(None) if held is None else ~held
+    scores: dict[str, np.ndarray] = {}
+    validation_scores: dict[str, np.ndarray] = {}
     if method == "scbert":
-        from ._annotate import annotate
+        from ._annotate import predict_cells
         from ._finetune import finetune
 
+        if held is not None:
+            validation = list(ref.obs_names[held])
         m = finetune(
             ref, label_key, model=model, validation=validation, rng=seed, split_key=None, **(finetune_kwargs or {})
         )
         kwargs = {k: v for k, v in (finetune_kwargs or {}).items() if k in INPUT_KEYS}
-        annotate(query, m, unknown_threshold=0.0, key_added="scbert_eval_prediction", **kwargs)
-        labels = query.obs["scbert_eval_prediction"].astype(str).to_numpy()
-        confidence = query.obs["scbert_eval_prediction_confidence"].to_numpy(dtype=np.float64)
+        probs, scores = predict_cells(query, m, **kwargs)
+        classes = list(m.classes)
+        labels = np.asarray(classes, dtype=str)[probs.argmax(1)]
+        if novelty:
+            validation_scores = predict_cells(ref[held].copy(), m, **kwargs)[1]
     elif method == "l1_logistic":
-        clf = _fit_l1(ref_x, truth, seed)
-        probs = clf.predict_proba(query_x)
-        labels = np.asarray(clf.classes_, dtype=str)[probs.argmax(1)]
-        confidence = probs.max(1)
+        clf = _fit_l1(ref_x[fit], truth[fit], seed)
+        probs, classes = clf.predict_proba(query_x), [str(c) for c in clf.classes_]
+        labels = np.asarray(classes, dtype=str)[probs.argmax(1)]
+        if novelty:
+            validation_scores = _confidence_scores(clf.predict_proba(ref_x[held]).max(1))
     elif method == "celltypist":
-        labels, confidence = _celltypist(ref_x, truth, query_x, genes, seed)
+        tests = [query_x, ref_x[held]] if novelty else [query_x]
+        classes, out = _celltypist(ref_x[fit], truth[fit], tests, genes, seed)
+        labels, probs = out[0]
+        if novelty:
+            validation_scores = _confidence_scores(_of_label(*out[1], classes))
     else:
         raise ValueError(f"Unknown method {method!r}; available: {['scbert', *BASELINES]}.")
-    return Prediction(labels, confidence, time.perf_counter() - t0)
+    confidence = _of_label(labels, probs, classes)
+    if novelty and method != "scbert":
+        scores = _confidence_scores(confidence)
+    return Prediction(
+        labels,
+        confidence,
+        time.perf_counter() - t0,
+        probabilities=probs,
+        classes=classes,
+        novelty=scores if novelty else {},
+        validation_novelty=validation_scores,
+    )
 
 
 # ------------------------------------------------------------------------------------------ data and folds
@@ -217,11 +271,15 @@ class Labelled:
         test: np.ndarray,
         *,
         model: str | os.PathLike | ScBERT,
-        validation: float,
+        validation: float | Sequence[str],
         seed: int,
         ref: AnnData | None = None,
+        novelty: bool = False,
     ) -> Prediction:
-        """Train on rows ``train`` and predict rows ``test`` (``ref``: the training cells, if already subset)."""
+        """Train on rows ``train`` and predict rows ``test`` (``ref``: the training cells, if already subset).
+
+        ``validation`` and ``novelty`` are those of :func:`predict`.
+        """
         if np.intersect1d(train, test).size:  # no protocol builds this; never let it pass
             raise RuntimeError("A cell is in both the training and the test cells.")
         is_scbert = method == "scbert"
@@ -237,6 +295,7 @@ class Labelled:
             validation=validation,
             finetune_kwargs=self.finetune_kwargs,
             seed=seed,
+            novelty=novelty,
         )
 
     @property
@@ -345,12 +404,20 @@ def stratified_subsample(labels: np.ndarray, order: np.random.Generator | np.nda
 
 # ------------------------------------------------------------------------------------------ scores and record
 def score_row(prediction: Prediction, truth: np.ndarray, classes: Sequence[str], **columns: Any) -> dict[str, Any]:
-    """One tidy row: the given columns, accuracy, macro F1, seconds and F1 per class (``f1:<type>``)."""
+    """One tidy row: the given columns, accuracy, macro F1, expected calibration error, seconds and F1 per class (``f1:<type>``).
+
+    The expected calibration error (``ece``: 15 equal-width confidence bins)
+    compares the method's probability of each predicted type with how often it is right.
+    """
+    from ..train._calibration import expected_calibration_error
+
     s = scores(truth, prediction.labels, classes)
+    correct = np.asarray(prediction.labels, dtype=str) == np.asarray(truth, dtype=str)
     return {
         **columns,
         "accuracy": s["accuracy"],
         "macro_f1": s["macro_f1"],
+        "ece": expected_calibration_error(prediction.confidence, correct),
         "seconds": prediction.seconds,
         **{f"f1:{c}": v for c, v in s["per_class_f1"].items()},
     }

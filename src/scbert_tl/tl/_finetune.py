@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from ..pp._bin import input_params, tokens_for
+from ..train._calibration import calibrate
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
 from ._resolve import resolve_model
@@ -138,8 +139,13 @@ def finetune(
 
     A stratified share of the cells (``validation``) is held out; the epoch with the best validation
     score is kept and training stops early when it no longer improves. These validation cells are
-    used for model selection only: measure accuracy on cells the model never saw (e.g. with
+    used for model selection and calibration only: measure accuracy on cells the model never saw (e.g. with
     :func:`scbert_tl.tl.annotate` on a separate query).
+
+    After training, a temperature for calibrated probabilities is fitted on the validation cells,
+    and the distribution of the novelty score on them is kept, so that :func:`~scbert_tl.tl.annotate`
+    can choose its ``"unknown"`` threshold for a target rate of false unknowns (see
+    ``calibration`` of :class:`~scbert_tl.ScBERT`; without validation cells there is none).
 
     Parameters
     ----------
@@ -191,7 +197,9 @@ def finetune(
 
     Returns
     -------
-    The fine-tuned model (its ``history`` holds the per-epoch metrics). Writes
+    The fine-tuned model (its ``history`` holds the per-epoch metrics; ``provenance["calibration"]``
+    the temperature and the validation cells' negative log-likelihood and expected calibration
+    error before and after it, measured on the cells it was fitted on). Writes
     ``adata.obs[split_key]`` (``"train"`` / ``"validation"``), and the bins of
     :func:`scbert_tl.pp.bin` when they were missing.
     """
@@ -225,6 +233,10 @@ def finetune(
             m.network.add_classifier(len(classes))
             m.classes = classes
         history = fit_classifier(m.network, tokens, labels, train_rows, val_rows, options, device=dev, dtype=dtype)
+    # calibrated probabilities and the "unknown" threshold come from the validation cells
+    m.calibration = (
+        calibrate(m.network, tokens, labels, val_rows, device=dev, precision=precision) if val_rows.size else None
+    )
     m.history = history
     selected = next((h for h in history if h["selected"]), history[-1])
     m.provenance.update(
@@ -238,6 +250,9 @@ def finetune(
             "validation": {k[4:]: v for k, v in selected.items() if k.startswith("val_")},
             "device": str(dev),
             "precision": str(dtype).replace("torch.", ""),
+            "calibration": None
+            if m.calibration is None
+            else {"temperature": m.calibration["temperature"], **m.calibration["validation"]},
         }
     )
     if split_key is not None:

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ..train._calibration import NOVELTY_SCORE, expected_calibration_error
+from ._annotate import DEFAULT_FALSE_UNKNOWN_RATE
 from ._evaluate import base_params, iter_folds, labelled, store
-from ._finetune import UNKNOWN
+from ._finetune import stratified_split
 
 if TYPE_CHECKING:
     import os
@@ -30,6 +32,7 @@ def novel_type_detection(
     *,
     leave_out: str | Sequence[str] | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
+    false_unknown_rate: float = DEFAULT_FALSE_UNKNOWN_RATE,
     model: str | os.PathLike | ScBERT = "compact",
     n_splits: int = 5,
     folds: Sequence[int] | None = (0,),
@@ -39,14 +42,25 @@ def novel_type_detection(
     rng: int = 0,
     key_added: str = "scbert_novel",
 ) -> pd.DataFrame:
-    """Leave each type out of training in turn and sweep the ``"unknown"`` threshold.
+    """Leave each type out of training in turn and see whether its cells are called ``"unknown"``.
 
-    For every left-out type and fold (the folds of :func:`~scbert_tl.tl.cross_validate`), each method
-    is trained on the training folds without any cell of that type, then predicts the test fold's
-    cells of the other (known) types and every cell of the left-out (novel) type. A cell is called
-    ``"unknown"`` when the method's confidence in its most likely type is below the threshold (as
-    :func:`~scbert_tl.tl.annotate` does with ``unknown_threshold``): scBERT's and L1 logistic
-    regression's highest class probability, CellTypist's own probability of its best match.
+    For every left-out type and fold (the folds of :func:`~scbert_tl.tl.cross_validate`), a
+    stratified share ``validation`` of the training folds' cells of the other (known) types is set
+    aside as validation cells, and each method is trained on the remaining known cells. It then
+    predicts the test fold's known cells and every cell of the left-out (novel) type.
+
+    Two ways of calling cells ``"unknown"`` are reported:
+
+    - the sweep (the returned frame): a cell is ``"unknown"`` when the method's probability of its
+      most likely type is below the threshold (as :func:`~scbert_tl.tl.annotate` with a number as
+      ``unknown_threshold``): scBERT's calibrated probability, L1 logistic regression's highest
+      class probability, CellTypist's own probability of its best match;
+    - the threshold chosen on the validation cells (``adata.uns[key_added]["chosen"]``), without
+      the novel type, so that a share ``false_unknown_rate`` of them is called unknown, for each
+      novelty score of each method: for scBERT ``"energy"`` (what ``annotate`` uses by default),
+      ``"probability"`` and ``"calibrated_probability"`` (one minus the highest probability,
+      before and after temperature scaling); for the baselines ``"probability"``, chosen by the
+      same rule.
 
     Parameters
     ----------
@@ -57,7 +71,9 @@ def novel_type_detection(
     leave_out
         The type or types to leave out, each in its own run (default: every type in turn).
     thresholds
-        Confidence thresholds to sweep, each in [0, 1].
+        Probability thresholds to sweep, each in [0, 1].
+    false_unknown_rate
+        Share of the validation cells the chosen thresholds call unknown.
     model
         Starting point of :func:`~scbert_tl.tl.finetune` (default: a new compact model).
     n_splits
@@ -67,11 +83,12 @@ def novel_type_detection(
     baselines
         ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
     validation
-        Fraction of the training cells held out for model selection.
+        Fraction of the known training cells set aside as validation cells (scBERT's model
+        selection and calibration; every method's threshold choice).
     finetune_kwargs
         Further arguments of :func:`~scbert_tl.tl.finetune`.
     rng
-        Seed of the folds and of the training.
+        Seed of the folds, of the validation cells and of the training.
     key_added
         Key in ``adata.uns`` for the results.
 
@@ -81,13 +98,24 @@ def novel_type_detection(
     the novel cells called ``"unknown"``), ``known_accuracy`` (fraction of known test cells given
     their true type; an ``"unknown"`` call counts as an error), ``known_unknown`` (fraction of known
     cells called ``"unknown"``), ``known_accuracy_forced`` (accuracy without ``"unknown"`` calls),
-    ``n_train``, ``n_known``, ``n_novel``, seconds. Also written to ``adata.uns[key_added]`` with
-    ``"results"``, ``"novel_as"`` (what the novel cells were predicted as without a threshold: method,
-    left_out, fold, predicted, n) and ``"params"``.
+    ``ece`` (expected calibration error of the known test cells' forced predictions), ``n_train`` (cells
+    trained on, the validation cells not counted),
+    ``n_known``, ``n_novel``, seconds. Also written to ``adata.uns[key_added]`` with ``"results"``,
+    ``"chosen"`` (one row per method, score, left-out type and fold: the ``threshold`` chosen on the
+    validation cells, ``validation_unknown`` (the share of them it calls unknown), ``novel_recall``,
+    ``known_accuracy``, ``known_unknown`` at that threshold, ``auroc`` (area under the ROC curve of
+    the score, novel against known test cells) and ``ece``), ``"novel_as"`` (what the novel cells
+    were predicted as without a threshold: method, left_out, fold, predicted, n) and ``"params"``.
     """
     thresholds = sorted({float(t) for t in thresholds})
     if not thresholds or thresholds[0] < 0 or thresholds[-1] > 1:
         raise ValueError(f"thresholds must be in [0, 1], got {thresholds}.")
+    if isinstance(false_unknown_rate, bool) or not 0 < false_unknown_rate < 1:
+        raise ValueError(f"false_unknown_rate must be between 0 and 1, got {false_unknown_rate!r}.")
+    if isinstance(validation, bool) or not 0 < validation < 1:
+        raise ValueError(
+            f"validation must be a fraction in (0, 1): the thresholds are chosen on those cells; got {validation!r}."
+        )
     data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
     if len(data.classes) < 3:
         raise ValueError(f"Novel-type detection needs at least three types (two stay known); got {data.classes}.")
@@ -98,60 +126,82 @@ def novel_type_detection(
     if missing:
         raise KeyError(f"leave_out types {missing} are not in adata.obs[{label_key!r}]; it has {data.classes}.")
     rows: list[dict[str, Any]] = []
+    chosen: list[dict[str, Any]] = []
     novel_as: list[dict[str, Any]] = []
     runs = list(iter_folds(data.labels, n_splits, 1, rng, folds))
     for novel_type in leave_out:
         is_novel = data.labels == novel_type
         for _, fold, train, test, _ in runs:
             train = train[~is_novel[train]]
+            _, val = stratified_split(data.labels[train], validation, np.random.default_rng([rng, fold]))
+            val_names = list(adata.obs_names[train[val]])
             test = np.union1d(test[~is_novel[test]], np.flatnonzero(is_novel))
             novel = is_novel[test]
             truth = data.labels[test]
             logger.info(
-                "novel_type_detection: %r left out, fold %d: %d training, %d known and %d novel test cells",
+                "novel_type_detection: %r left out, fold %d: %d training (%d of them validation), %d known and "
+                "%d novel test cells",
                 novel_type,
                 fold,
                 train.size,
+                val.size,
                 (~novel).sum(),
                 novel.sum(),
             )
+            run = {"left_out": novel_type, "fold": fold}
             for method in data.methods:
-                pred = data.run(method, train, test, model=model, validation=validation, seed=rng)
-                forced = float((pred.labels[~novel] == truth[~novel]).mean()) if (~novel).any() else np.nan
+                pred = data.run(method, train, test, model=model, validation=val_names, seed=rng, novelty=True)
+                right = pred.labels == truth
+                ece = expected_calibration_error(pred.confidence[~novel], right[~novel])
+                counts = {
+                    "n_train": int(train.size - val.size),
+                    "n_known": int((~novel).sum()),
+                    "n_novel": int(novel.sum()),
+                }
                 for t in thresholds:
-                    called = np.where(pred.confidence < t, UNKNOWN, pred.labels)
+                    unknown = pred.confidence < t
                     rows.append(
                         {
                             "method": method,
-                            "left_out": novel_type,
-                            "fold": fold,
+                            **run,
                             "threshold": t,
-                            "novel_recall": float((called[novel] == UNKNOWN).mean()),
-                            "known_accuracy": float((called[~novel] == truth[~novel]).mean())
-                            if (~novel).any()
-                            else np.nan,
-                            "known_unknown": float((called[~novel] == UNKNOWN).mean()) if (~novel).any() else np.nan,
-                            "known_accuracy_forced": forced,
-                            "n_train": int(train.size),
-                            "n_known": int((~novel).sum()),
-                            "n_novel": int(novel.sum()),
+                            **_rates(unknown, right, novel),
+                            "known_accuracy_forced": float(right[~novel].mean()),
+                            "ece": ece,
+                            **counts,
                             "seconds": pred.seconds,
+                        }
+                    )
+                for score, values in pred.novelty.items():
+                    threshold = float(np.quantile(pred.validation_novelty[score], 1 - false_unknown_rate))
+                    chosen.append(
+                        {
+                            "method": method,
+                            "score": score,
+                            **run,
+                            "threshold": threshold,
+                            "validation_unknown": float((pred.validation_novelty[score] > threshold).mean()),
+                            **_rates(values > threshold, right, novel),
+                            "auroc": _auroc(values, novel),
+                            "ece": ece,
                         }
                     )
                 predicted, n = np.unique(pred.labels[novel], return_counts=True)
                 novel_as += [
-                    {"method": method, "left_out": novel_type, "fold": fold, "predicted": str(p), "n": int(k)}
+                    {"method": method, **run, "predicted": str(p), "n": int(k)}
                     for p, k in zip(predicted, n, strict=True)
                 ]
-                at_half = (
-                    rows[-len(thresholds) + int(np.searchsorted(thresholds, 0.5))] if 0.5 in thresholds else rows[-1]
-                )
+                mine = chosen[-len(pred.novelty) :]
+                best = next((c for c in mine if c["score"] == NOVELTY_SCORE), mine[0])  # what annotate uses
                 logger.info(
-                    "  %s: at threshold %.2f, novel recall %.3f, known accuracy %.3f",
+                    "  %s: at the threshold for %.0f%% false unknowns on validation cells (%s), novel recall %.3f, "
+                    "known accuracy %.3f; ECE %.3f",
                     method,
-                    at_half["threshold"],
-                    at_half["novel_recall"],
-                    at_half["known_accuracy"],
+                    100 * false_unknown_rate,
+                    best["score"],
+                    best["novel_recall"],
+                    best["known_accuracy"],
+                    ece,
                 )
     frame = pd.DataFrame(rows)
     params = base_params(
@@ -162,8 +212,24 @@ def novel_type_detection(
         protocol="novel_type_detection",
         leave_out=leave_out,
         thresholds=thresholds,
+        false_unknown_rate=false_unknown_rate,
         n_splits=n_splits,
         folds="all" if folds is None else sorted(int(f) for f in folds),
     )
-    store(adata, key_added, frame, params, novel_as=pd.DataFrame(novel_as))
+    store(adata, key_added, frame, params, chosen=pd.DataFrame(chosen), novel_as=pd.DataFrame(novel_as))
     return frame
+
+
+def _rates(unknown: np.ndarray, right: np.ndarray, novel: np.ndarray) -> dict[str, float]:
+    known = ~novel
+    return {
+        "novel_recall": float(unknown[novel].mean()),
+        "known_accuracy": float((right & ~unknown)[known].mean()),
+        "known_unknown": float(unknown[known].mean()),
+    }
+
+
+def _auroc(score: np.ndarray, novel: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(novel, score))

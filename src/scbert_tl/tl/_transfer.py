@@ -1,7 +1,8 @@
-"""``scbert.tl.dataset_transfer``: leave one dataset out; train on the others, annotate it."""
+"""``scbert.tl.dataset_transfer``: train on one dataset (or several), annotate another, score at a shared label level."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,9 @@ if TYPE_CHECKING:
     from .._scbert import ScBERT
 
 logger = logging.getLogger(__name__)
+
+#: The obs column of the shared-level labels in the log-normalised copies.
+SHARED = "shared_label"
 
 
 def _log_normalised_copy(adata: AnnData, label_key: str, name: str, input_kwargs: dict[str, Any]) -> AnnData:
@@ -44,39 +48,106 @@ def _log_normalised_copy(adata: AnnData, label_key: str, name: str, input_kwargs
     return out
 
 
-def _training_set(parts: list[AnnData]) -> AnnData:
-    """The training datasets on the genes they share, each cell normalised to 1e4 over those genes and ``log1p``."""
-    import anndata as ad
-    import scanpy as sc
+def _on_genes(x: Any, genes: pd.Index, target: pd.Index) -> sp.csr_matrix:
+    """Columns ``target`` of ``x`` (whose columns are ``genes``); zeros where ``genes`` lacks one."""
+    column = target.get_indexer(genes)
+    keep = np.flatnonzero(column >= 0)
+    select = sp.csr_matrix((np.ones(keep.size), (keep, column[keep])), shape=(genes.size, target.size))
+    return (sp.csr_matrix(x) @ select).astype(np.float32).tocsr()
 
+
+def _renormalised(parts: list[AnnData], genes: pd.Index) -> sp.csr_matrix:
+    """The cells of ``parts`` on ``genes``, each cell renormalised to 1e4 over those genes and ``log1p``."""
+    x = sp.vstack([_on_genes(p.X, p.var_names, genes) for p in parts]).tocsr()
+    x.data = np.expm1(x.data)  # back to normalised values
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals, dtype=np.float64), where=totals > 0)
+    x = sp.diags(scale) @ x
+    x.data = np.log1p(x.data)
+    return x.astype(np.float32).tocsr()
+
+
+def _training_genes(parts: list[AnnData]) -> pd.Index:
     shared = parts[0].var_names
     for p in parts[1:]:
         shared = shared.intersection(p.var_names, sort=False)
     if shared.size == 0:
         raise ValueError("The training datasets share no gene identifiers; pass gene symbols or a common gene_key.")
-    if len(parts) == 1:
-        return parts[0]
-    train = ad.concat([p[:, shared] for p in parts], join="inner")
-    train.X = train.X.copy()
-    train.X.data = np.expm1(train.X.data)  # back to normalised values; renormalise over the shared genes
-    sc.pp.normalize_total(train, target_sum=1e4)
-    sc.pp.log1p(train)
-    return train
+    return shared
 
 
-def _on_genes(adata: AnnData, genes: pd.Index) -> sp.csr_matrix:
-    """``adata.X`` with columns ``genes`` (zeros where ``adata`` lacks one)."""
-    column = genes.get_indexer(adata.var_names)
-    keep = np.flatnonzero(column >= 0)
-    select = sp.csr_matrix((np.ones(keep.size), (keep, column[keep])), shape=(adata.n_vars, genes.size))
-    return (sp.csr_matrix(adata.X) @ select).astype(np.float32).tocsr()
+# ------------------------------------------------------------------------------------------ label levels
+def _shared_labels(
+    adatas: list[AnnData], names: list[str], label_key: str, label_map: Mapping[str, str | None] | str | None
+) -> list[np.ndarray]:
+    """Each dataset's cells at the shared level (``None``: a cell left out)."""
+    out = []
+    if label_map is None or isinstance(label_map, Mapping):
+        mapping = {} if label_map is None else {str(k): v for k, v in label_map.items()}
+        for v in mapping.values():
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"label_map values must be labels (str) or None (leave out), got {v!r}.")
+        for a in adatas:
+            labels = a.obs[label_key].astype(str).to_numpy()
+            out.append(np.array([mapping.get(t, t) for t in labels], dtype=object))
+        return out
+    if not isinstance(label_map, str):
+        raise TypeError(f"label_map must be a dict, the name of an obs column or None, got {type(label_map).__name__}.")
+    have = [label_map in a.obs for a in adatas]
+    if not any(have):
+        raise KeyError(
+            f"label_map={label_map!r} names an obs column that none of the datasets has; pass the column of the "
+            "shared labels, or a dict from labels to shared labels."
+        )
+    for a, name, has in zip(adatas, names, have, strict=True):
+        if has:
+            col = a.obs[label_map]
+            out.append(np.where(col.isna().to_numpy(), None, col.astype(str).to_numpy()).astype(object))
+        else:
+            logger.info(
+                "dataset_transfer: %s has no obs[%r]; its %r labels are taken as shared labels",
+                name,
+                label_map,
+                label_key,
+            )
+            out.append(a.obs[label_key].astype(str).to_numpy().astype(object))
+    return out
 
 
+def _to_shared(own: np.ndarray, shared: np.ndarray, name: str) -> dict[str, str]:
+    """The function from a dataset's own labels to its shared labels (each label must have one)."""
+    mapping: dict[str, str] = {}
+    for o, s in sorted(set(zip(own, shared, strict=True))):
+        if mapping.setdefault(o, s) != s:
+            raise ValueError(
+                f"In {name}, the cells of type {o!r} have more than one shared label ({mapping[o]!r}, {s!r}); a "
+                "type must map to one shared type (or be left out)."
+            )
+    return mapping
+
+
+def _mapped(labels: np.ndarray, mapping: dict[str, str | None]) -> np.ndarray:
+    return np.array([mapping.get(t, t) for t in np.asarray(labels, dtype=str)], dtype=object)
+
+
+def _shared_prediction(pred: Any, mapping: dict[str, str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """The predicted types at the shared level and the probability of each (summed over the types that share it)."""
+    labels = _mapped(pred.labels, mapping)
+    if pred.probabilities is None or not mapping:
+        return labels, pred.confidence
+    shared_of_class = _mapped(np.asarray(pred.classes, dtype=str), mapping)
+    same = shared_of_class[None, :] == labels[:, None]
+    return labels, np.minimum(1.0, (pred.probabilities * same).sum(axis=1))
+
+
+# ------------------------------------------------------------------------------------------ the protocol
 def dataset_transfer(
     adatas: Sequence[AnnData] | Mapping[str, AnnData],
     label_key: str,
     *,
     names: Sequence[str] | None = None,
+    reference: str | Sequence[str] | None = None,
+    label_map: Mapping[str, str | None] | str | None = None,
     model: str | os.PathLike | ScBERT = "compact",
     baselines: Sequence[str] = ("l1_logistic",),
     validation: float = 0.1,
@@ -84,30 +155,54 @@ def dataset_transfer(
     rng: int = 0,
     key_added: str = "scbert_transfer",
 ) -> pd.DataFrame:
-    """Leave-one-dataset-out: train on all datasets but one, annotate the one left out; each in turn.
+    """Train on one dataset (or several), annotate another made elsewhere, and score it, at a shared label level if needed.
 
-    Every dataset is read as the tools read it (raw counts or log-normalised; the input choices of
-    ``finetune_kwargs`` apply to each) and normalised to 1e4 per cell and ``log1p``. The training
-    datasets are joined on the genes they share (each cell renormalised over those genes; with one
-    training dataset, all of its genes). scBERT is fine-tuned on them and annotates the held-out
-    dataset with its own genes, aligned to the model's panel by :func:`~scbert_tl.pp.bin`; the
-    baselines read the held-out dataset on the training genes (genes it lacks are zeros). Nothing of
-    the held-out dataset, labels or expression, is used for training.
+    Two shapes: with ``reference``, every method is trained once on the reference dataset(s) and
+    annotates each of the other datasets (the everyday use: a reference made elsewhere, a new
+    query); without it, leave-one-dataset-out: each dataset in turn is annotated by methods trained
+    on all the others. Nothing of an annotated dataset, neither labels nor expression, is used for
+    training; only its gene names choose the baselines' genes.
+
+    **Input.** Every dataset is read as the tools read it (raw counts or log-normalised; the input
+    choices of ``finetune_kwargs`` apply to each). scBERT is fine-tuned on the training cells and
+    annotates the query with the query's own genes, aligned to the model's panel by
+    :func:`~scbert_tl.pp.bin`. The baselines use the genes shared by the training datasets and the
+    query, each cell normalised to 1e4 over those genes and ``log1p``.
+
+    **Labels at different resolutions.** ``label_map`` maps labels to a shared level, e.g. PBMC types
+    to lineages (``{"Naive CD4 T": "T_CD4", "Memory CD4 T": "T_CD4", "CD14+ Mono": "MNP", ...}``).
+    A single training dataset is trained on its own labels and each predicted type is mapped to its
+    shared label (the probability of a shared label is the sum over the types that map to it);
+    several training datasets are pooled at the shared level. The query is scored against its
+    shared labels. A training type without a counterpart in the query (after mapping; e.g. platelets
+    when the query has none) stays in training: it is reported in ``unmatched`` and every query cell
+    predicted as it counts as an error. A query type the training lacks cannot be predicted: its
+    cells count as errors too (``n_unseen``).
 
     Parameters
     ----------
     adatas
         Two or more labelled datasets (a list, or a mapping from name to dataset).
     label_key
-        Column of every dataset's ``obs`` with the cell types (the same names across datasets).
+        Column of every dataset's ``obs`` with its cell types (each dataset at its own resolution).
     names
         Names of the datasets in a list (default: ``"dataset0"``, ``"dataset1"``, ...).
+    reference
+        Name(s) of the dataset(s) to train on; every other dataset is annotated. Default: leave
+        one dataset out in turn.
+    label_map
+        How labels map to the shared level at which queries are scored: a dict from a label (of any
+        dataset) to its shared label, where labels not in the dict are their own shared label and
+        ``None`` leaves the cells of that label out (out of training and of scoring, e.g. ``{"Platelet":
+        None, "?": None}``); or the name of an obs column that holds every cell's shared label
+        (missing values: left out; a dataset without the column is labelled at the shared level
+        already). Default: the labels as they are.
     model
         Starting point of :func:`~scbert_tl.tl.finetune` (default: a new compact model).
     baselines
         ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
     validation
-        Fraction of the training cells held out for model selection.
+        Fraction of the training cells held out for scBERT's model selection and calibration.
     finetune_kwargs
         Further arguments of :func:`~scbert_tl.tl.finetune`.
     rng
@@ -117,11 +212,15 @@ def dataset_transfer(
 
     Returns
     -------
-    A tidy frame, one row per method and held-out dataset: ``held_out``, ``n_train``, ``n_test``,
-    ``n_unseen`` (held-out cells of types absent from training; they count as errors), ``accuracy``,
-    ``macro_f1`` and ``f1:<type>`` over the training types, seconds. Also written to
-    ``adata.uns[key_added]`` of every dataset with ``"results"``, ``"summary"``, ``"training"`` (the
-    datasets and number of shared genes each model was trained on) and ``"params"``.
+    A tidy frame, one row per method and query dataset: ``held_out`` (the query), ``reference``
+    (the training datasets, joined by ``+``), ``n_train``, ``n_test`` (query cells scored),
+    ``n_unseen`` (query cells of types the training lacks), ``n_unmatched`` (query cells predicted
+    as a training type the query lacks), ``accuracy`` (over all scored query cells), ``macro_f1``
+    and ``f1:<type>`` over the shared types both the training and the query have, ``ece`` (expected
+    calibration error of the shared-level predictions), seconds. Also written to
+    ``adata.uns[key_added]`` of every dataset with ``"results"``, ``"summary"``, ``"training"``
+    (per query: the training datasets, their number of cells and shared genes, the labels trained
+    on, the ``unmatched`` and ``unseen`` types and the ``label_map`` applied) and ``"params"``.
     """
     if isinstance(adatas, Mapping):
         if names is not None:
@@ -134,6 +233,13 @@ def dataset_transfer(
         raise ValueError(f"dataset_transfer needs at least two datasets, got {len(adatas)}.")
     if len(names) != len(adatas) or len(set(names)) != len(names):
         raise ValueError(f"names must be {len(adatas)} different names, got {names}.")
+    if reference is not None:
+        reference = [reference] if isinstance(reference, str) else [str(r) for r in reference]
+        missing = [r for r in reference if r not in names]
+        if missing or not reference:
+            raise KeyError(f"reference {missing or reference} must name datasets; the datasets are {names}.")
+        if set(reference) == set(names):
+            raise ValueError("Every dataset is a reference; leave at least one out to annotate.")
     finetune_kwargs = dict(finetune_kwargs or {})
     input_kwargs = {k: finetune_kwargs.pop(k) for k in INPUT_KEYS if k in finetune_kwargs}
     checked = [
@@ -141,57 +247,129 @@ def dataset_transfer(
         for a in adatas
     ]
     methods = checked[0].methods
+    shared = _shared_labels(adatas, names, label_key, label_map)
     parts = [_log_normalised_copy(a, label_key, n, input_kwargs) for a, n in zip(adatas, names, strict=True)]
+    for part, labels in zip(parts, shared, strict=True):
+        part.obs[SHARED] = labels
+    plan = (
+        [(reference, q) for q in names if q not in reference]
+        if reference is not None
+        else [([n for n in names if n != q], q) for q in names]
+    )
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
-    for i, held_out in enumerate(names):
-        train = _training_set([p for j, p in enumerate(parts) if j != i])
-        query = parts[i]
-        train_sets = sorted(set(train.obs["dataset"]))
-        if held_out in train_sets:  # never
+    for train_names, held_out in plan:
+        if held_out in train_names:  # never
             raise RuntimeError("The held-out dataset is in the training data.")
-        classes = sorted(set(train.obs[label_key]))
-        truth = query.obs[label_key].to_numpy()
-        unseen = int((~np.isin(truth, classes)).sum())
-        training[held_out] = {"datasets": train_sets, "n_genes": int(train.n_vars)}
+        train_parts = [parts[names.index(n)] for n in train_names]
+        query = parts[names.index(held_out)]
+        query = query[query.obs[SHARED].notna().to_numpy()]
+        ref = _training_cells(train_parts, label_key)
+        own_level = len(train_parts) == 1
+        fit_key = label_key if own_level else SHARED
+        mapping = _to_shared(ref.obs[label_key].to_numpy(), ref.obs[SHARED].to_numpy(), held_out) if own_level else {}
+        truth = query.obs[SHARED].to_numpy(dtype=str)
+        train_shared = sorted(set(ref.obs[SHARED]))
+        query_types = sorted(set(truth))
+        scored = [t for t in train_shared if t in query_types]
+        unseen = int((~np.isin(truth, train_shared)).sum())
+        unmatched = [t for t in train_shared if t not in query_types]
+        if not scored:
+            raise ValueError(
+                f"{held_out} shares no cell type with {', '.join(train_names)} (types {query_types[:5]} against "
+                f"{train_shared[:5]}); pass label_map to map the labels to a shared level."
+            )
+        genes = _training_genes(train_parts).intersection(query.var_names, sort=False)
+        training[held_out] = {
+            "datasets": list(train_names),
+            "n_cells": int(ref.n_obs),
+            "n_genes": int(genes.size),
+            "labels": "own" if own_level else "shared",
+            "unmatched": unmatched,
+            "unseen": sorted(set(query_types) - set(train_shared)),
+            "label_map": {k: v for k, v in mapping.items() if v != k},
+        }
         logger.info(
-            "dataset_transfer: %s held out (%d cells, %d of types not in training); training on %s (%d cells, %d genes)",
+            "dataset_transfer: %s annotated (%d cells; %d of types not in training) by methods trained on %s "
+            "(%d cells, %s labels; baselines on %d shared genes)",
             held_out,
             query.n_obs,
             unseen,
-            train_sets,
-            train.n_obs,
-            train.n_vars,
+            train_names,
+            ref.n_obs,
+            "their own" if own_level else "shared",
+            genes.size,
         )
-        query_x = _on_genes(query, train.var_names) if len(methods) > 1 else None  # for the baselines
+        if unmatched:
+            logger.info("  training types the query lacks (predictions of them count as errors): %s", unmatched)
+        baseline_x = {}
+        if len(methods) > 1:
+            baseline_x = {
+                "ref_x": _renormalised(_labelled_cells(train_parts), genes),
+                "query_x": _renormalised([query], genes),
+            }
+        fit = ref.copy()
+        fit.obs[label_key] = fit.obs[fit_key].astype(str)
         for method in methods:
             pred = predict(
                 method,
-                train,
+                fit,
                 query.copy(),
                 label_key,
-                ref_x=train.X,
-                query_x=query_x,
-                genes=list(train.var_names),
+                genes=list(genes),
                 model=model,
                 validation=validation,
                 finetune_kwargs=finetune_kwargs,
                 seed=rng,
+                **baseline_x,
             )
+            pred.labels, pred.confidence = _shared_prediction(pred, mapping)
             row = score_row(
                 pred,
                 truth,
-                classes,
+                scored,
                 method=method,
                 held_out=held_out,
-                n_train=int(train.n_obs),
+                reference="+".join(train_names),
+                n_train=int(ref.n_obs),
                 n_test=int(query.n_obs),
                 n_unseen=unseen,
+                n_unmatched=int(np.isin(pred.labels, unmatched).sum()),
             )
             rows.append(row)
-            logger.info("  %s: accuracy %.3f, macro F1 %.3f", method, row["accuracy"], row["macro_f1"])
+            logger.info(
+                "  %s: accuracy %.3f, macro F1 %.3f, ECE %.3f", method, row["accuracy"], row["macro_f1"], row["ece"]
+            )
     frame = pd.DataFrame(rows)
-    params = base_params(checked[0], model, rng, validation, protocol="dataset_transfer", names=names, **input_kwargs)
+    params = base_params(
+        checked[0],
+        model,
+        rng,
+        validation,
+        protocol="dataset_transfer",
+        names=names,
+        reference="leave_one_out" if reference is None else reference,
+        # a JSON string: h5ad cannot store the None (left out) of a dict
+        label_map=label_map if isinstance(label_map, str | None) else json.dumps(dict(label_map)),
+        **input_kwargs,
+    )
     for a in adatas:
         store(a, key_added, frame, params, summary=summarise(frame, ["method"]), training=training)
     return frame
+
+
+def _training_cells(parts: list[AnnData], label_key: str) -> AnnData:
+    """The training datasets' cells with a shared label (the others are left out), their labels only, one AnnData."""
+    import anndata as ad
+
+    kept = _labelled_cells(parts)
+    obs = pd.concat([k.obs[[label_key, SHARED, "dataset"]] for k in kept])
+    if len(kept) == 1:
+        return ad.AnnData(kept[0].X, obs=obs, var=kept[0].var[[]])
+    genes = _training_genes(parts)
+    return ad.AnnData(_renormalised(kept, genes), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def _labelled_cells(parts: list[AnnData]) -> list[AnnData]:
+    """The cells of each dataset that have a shared label (those mapped to ``None`` are left out)."""
+    return [p[p.obs[SHARED].notna().to_numpy()] for p in parts]
