@@ -30,6 +30,7 @@ LAYER = "scbert_bins"
 PANEL_INDEX = "scbert_panel_index"
 TARGET_SUM = 1e4
 QC_MIN_GENES = 200  # the paper's quality control: cells with fewer expressed genes are flagged
+MEASURED_WARNING = 0.9  # below this share of a model's genes measured, tokens_for warns
 InputKind = Literal["counts", "log1p", "log2", "normalized"]
 _RATIO_TOL = 2e-3  # relative tolerance for recovering integer counts from log-normalised values
 
@@ -452,7 +453,8 @@ def bin(
         )
     if coverage["panel_fraction"] < 0.5:
         logger.warning(
-            "Only %d of the %d panel genes (%.1f%%) are in your data: the model sees the rest as not expressed. "
+            "Only %d of the %d panel genes (%.1f%%) are in your data (the model reads the rest as not "
+            "expressed, or as unknown when it was fine-tuned with gene masking). "
             "Predictions may be less reliable; see adata.uns[%r]['coverage'].",
             n_matched,
             len(genes),
@@ -529,11 +531,15 @@ def tokens_for(
     gene_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
+    unmeasured: Literal["zero", "mask"] | None = None,
 ) -> TokenMatrix:
     """The model's tokens for ``adata``, binning it first when needed.
 
     :func:`bin` runs when the bins are missing, were made for another panel, for other genes (the
     data was subset or reordered since), or from other input than asked for. Input choices not given are those of the last :func:`bin`.
+    Model genes that ``adata`` does not have are fed as ``unmeasured`` says (default: the model's
+    :attr:`~scbert_tl.ScBERT.unmeasured`): ``"mask"`` as unknown (the ``[MASK]`` token), ``"zero"`` as not
+    expressed. The share of the model's genes that ``adata`` measures is logged, as a warning below 90%.
     """
     from ..train import TokenMatrix
 
@@ -557,7 +563,38 @@ def tokens_for(
             " (the existing bins were made for another panel or input)" if LAYER in adata.layers else "",
         )
         bin(adata, panel=model, n_bins=model.n_bins, normalize=model.normalization, **params)
-    return TokenMatrix(adata.layers[LAYER], adata.var[PANEL_INDEX].to_numpy(), len(model.genes))
+    mode = model.unmeasured if unmeasured is None else unmeasured
+    if mode not in ("zero", "mask"):
+        raise ValueError(f"unmeasured must be 'zero' or 'mask', got {mode!r}.")
+    tokens = TokenMatrix(
+        adata.layers[LAYER],
+        adata.var[PANEL_INDEX].to_numpy(),
+        len(model.genes),
+        unmeasured_token=model.config.mask_token if mode == "mask" else None,
+    )
+    _report_coverage(tokens, mode)
+    return tokens
+
+
+def _report_coverage(tokens: TokenMatrix, mode: str) -> None:
+    """Say how many of the model's genes the data measures, and how the others are fed; a warning below 90%."""
+    n_measured, n = int(tokens.measured.sum()), tokens.n_genes
+    if n_measured == n:
+        logger.info("The data measures all %d of the model's genes", n)
+        return
+    log = logger.warning if n_measured < MEASURED_WARNING * n else logger.info
+    log(
+        "The data measures %d of the model's %d genes (%.1f%%); the other %d are fed as %s.%s",
+        n_measured,
+        n,
+        100 * n_measured / n,
+        n - n_measured,
+        "unknown ([MASK])" if mode == "mask" else "not expressed (token 0)",
+        ""
+        if mode == "mask"
+        else " A model fine-tuned with gene masking (scbert.tl.finetune(..., mask_genes=...)) can read them as "
+        "unknown instead (model.unmeasured = 'mask').",
+    )
 
 
 def expression(

@@ -13,7 +13,7 @@ import torch
 from .._settings import settings
 from ..pp._bin import input_params, tokens_for
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
-from ._resolve import resolve_model
+from ._resolve import COMPACT_MASK_GENES, resolve_model
 
 if TYPE_CHECKING:
     import os
@@ -107,6 +107,7 @@ def finetune(
     class_weight: Literal["balanced"] | None = "balanced",
     trainable: Literal["all", "original", "head"] | None = None,
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
+    mask_genes: float | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -157,6 +158,13 @@ def finetune(
         ``"all"`` for a new model, ``"original"`` for the published weights.
     select_on
         Validation metric that selects the epoch.
+    mask_genes
+        Gene masking: each training cell hides a share of its genes, drawn uniformly from
+        ``[0, mask_genes]``, behind the ``[MASK]`` token, so that the model learns to read genes a
+        query did not measure as unknown rather than as not expressed. A model trained with it feeds
+        its unmeasured genes as ``[MASK]`` (:attr:`~scbert_tl.ScBERT.unmeasured` becomes ``"mask"``);
+        the coverage is logged, as a warning below 90%. Default: ``COMPACT_MASK_GENES`` for a new
+        model, 0 (none, the published preprocessing, unmeasured genes fed as 0) for trained weights.
     gene_key, layer, use_raw
         Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
         (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
@@ -188,6 +196,8 @@ def finetune(
             trainable = "all" if new_model else "original"
         if lr is None:
             lr = 1e-3 if new_model else 1e-4
+        if mask_genes is None:
+            mask_genes = COMPACT_MASK_GENES if new_model else 0.0
         options = FinetuneOptions(
             epochs=epochs,
             batch_size=batch_size,
@@ -198,8 +208,11 @@ def finetune(
             class_weight=class_weight,
             trainable=trainable,
             select_on=select_on,
+            mask_genes=mask_genes,
             seed=rng,
         )
+        if mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
+            m.unmeasured = "mask"
         tokens = tokens_for(adata, m, **params)
         if m.classes != classes:  # a new head, unless the model already classifies exactly these types
             m.network.add_classifier(len(classes))

@@ -28,6 +28,8 @@ COMPACT = {
     "classifier_dropout": 0.1,
 }
 COMPACT_GENES = 2000
+#: Largest share of a training cell's genes hidden behind [MASK] when fine-tuning a new model (see ``tl.finetune``).
+COMPACT_MASK_GENES = 1.0
 
 
 def compact_genes(
