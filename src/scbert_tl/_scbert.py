@@ -58,7 +58,7 @@ class ScBERT:
     unmeasured
         How a panel gene that the data did not measure is fed: ``"zero"`` (as not expressed, what the
         published scBERT saw) or ``"mask"`` (as unknown, the ``[MASK]`` token; for models fine-tuned
-        with gene masking, which :func:`scbert_tl.tl.finetune` sets). See :func:`scbert_tl.pp.bin`.
+        with gene masking, which :func:`scbert_tl.tl.finetune` sets).
     provenance
         Where the weights come from and how they were trained (saved with the model).
     history

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._settings import settings
-from ._augment import gene_mask
+from ._augment import detection_rank, gene_mask
 from ._data import batch_indices
 from ._inference import autocast, flush_denormals, run_batches
 
@@ -169,6 +169,7 @@ def fit_classifier(
     loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum")
     rng = np.random.default_rng(o.seed)
     augment = torch.Generator().manual_seed(o.seed)
+    rank = detection_rank(tokens.csr[train_rows]) if o.mask_genes > 0 else None
     labels_t = torch.from_numpy(labels)
     logger.info(
         "Fine-tuning %d trainable parameters (%s) on %d cells, selecting on %d validation cells, %s on %s",
@@ -191,7 +192,7 @@ def fit_classifier(
             for group in batch_indices(train_rows, step_rows, shuffle=True, rng=rng):
                 optimizer.zero_grad(set_to_none=True)
                 # drawn for the whole step, so that accumulation does not change which genes are hidden
-                hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, augment)
+                hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, augment, rank)
                 for start in range(0, len(group), o.batch_size):
                     micro = group[start : start + o.batch_size]
                     x = tokens.tokens(micro)
