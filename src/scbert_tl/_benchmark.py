@@ -76,8 +76,8 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         help="imbalance: types in design order large, small, ... (repeatable)",
     )
     bench.add_argument("--ratio", type=float, default=100, help="imbalance: large-to-small ratio (default: 100)")
-    bench.add_argument("--epochs", type=int, default=10, help="maximum fine-tuning epochs (default: 10)")
-    bench.add_argument("--patience", type=int, default=3, help="epochs without validation improvement (default: 3)")
+    bench.add_argument("--epochs", type=int, help="maximum fine-tuning epochs (default: finetune's)")
+    bench.add_argument("--patience", type=int, help="epochs without validation improvement (default: finetune's)")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--lr", type=float, help="peak learning rate (default: finetune's)")
     bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")
