@@ -202,6 +202,28 @@ def test_panel_from_a_model(rng):
     assert adata.uns["scbert"]["normalize"] == "panel"
 
 
+def test_unmeasured_model_genes_are_zero_or_unknown_as_the_model_says(rng, caplog):
+    model = scbert.ScBERT.new(PANEL, dim=16, depth=1, heads=2, dim_head=8)
+    counts = rng.poisson(2.0, size=(20, 3)) + np.array([1, 0, 1])
+    counts[:, 1] = 0  # CD3E measured but not expressed: it stays 0 either way
+    adata = ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), var=pd.DataFrame(index=["LYZ", "CD3E", "NOT_A_GENE"]))
+    rows = np.arange(adata.n_obs)
+    with caplog.at_level("WARNING"):
+        zero = tokens_for(adata, model).tokens(rows).numpy()
+    assert "measures 2 of the model's 6 genes (33.3%)" in caplog.text and "not expressed (token 0)" in caplog.text
+    assert model.unmeasured == "zero" and zero[:, [1, 2, 3, 5]].max() == 0 and zero[:, 4].min() > 0
+    model.unmeasured = "mask"
+    caplog.clear()
+    tokens = tokens_for(adata, model)
+    masked = tokens.tokens(rows).numpy()
+    assert "fed as unknown ([MASK])" in caplog.text and tokens.coverage == pytest.approx(2 / 6)
+    np.testing.assert_array_equal(masked[:, [1, 2, 3, 5]], model.config.mask_token)
+    np.testing.assert_array_equal(masked[:, [0, 4]], zero[:, [0, 4]])
+    np.testing.assert_array_equal(tokens_for(adata, model, unmeasured="zero").tokens(rows).numpy(), zero)
+    with pytest.raises(ValueError, match="unmeasured must be"):
+        tokens_for(adata, model, unmeasured="nan")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_scaled_data_is_refused(pbmc3k):
     sc.pp.normalize_total(pbmc3k)

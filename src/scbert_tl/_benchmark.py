@@ -95,8 +95,8 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         help="transfer: score at a shared label level: a JSON file mapping labels to shared labels (null: leave "
         "those cells out), or an obs column holding every cell's shared label",
     )
-    bench.add_argument("--epochs", type=int, default=10, help="maximum fine-tuning epochs (default: 10)")
-    bench.add_argument("--patience", type=int, default=3, help="epochs without validation improvement (default: 3)")
+    bench.add_argument("--epochs", type=int, help="maximum fine-tuning epochs (default: finetune's)")
+    bench.add_argument("--patience", type=int, help="epochs without validation improvement (default: finetune's)")
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--lr", type=float, help="peak learning rate (default: finetune's)")
     bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")

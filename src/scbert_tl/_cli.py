@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
         help="'compact' (new CPU-sized model, default), 'scbert-panglao' (published weights) or a saved model",
     )
     ft.add_argument("--validation", type=float, default=0.1, help="held-out fraction for model selection")
-    ft.add_argument("--epochs", type=int, default=20)
+    ft.add_argument(
+        "--epochs", type=int, help="maximum epochs (default: finetune's, 8 for a new model, 20 from weights)"
+    )
     ft.add_argument("--batch-size", type=int, default=32)
     ft.add_argument("--lr", type=float)
     ft.add_argument("--trainable", choices=["all", "original", "head"])

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 Normalization = Literal["library", "panel"]
+Unmeasured = Literal["zero", "mask"]
 PRETRAINED = {"scbert-panglao": ("scbert-panglao-weights", "scbert-panglao")}
 
 
@@ -55,6 +56,10 @@ class ScBERT:
         What a cell's expression is normalised by before binning: ``"library"`` (its total counts
         over all measured genes) or ``"panel"`` (its total over the panel genes, the preprocessing of
         the original scBERT and of its published weights). See :func:`scbert_tl.pp.bin`.
+    unmeasured
+        How a panel gene that the data did not measure is fed: ``"zero"`` (as not expressed, what the
+        published scBERT saw) or ``"mask"`` (as unknown, the ``[MASK]`` token; for models fine-tuned
+        with gene masking, which :func:`scbert_tl.tl.finetune` sets).
     provenance
         Where the weights come from and how they were trained (saved with the model).
     history
@@ -74,6 +79,7 @@ class ScBERT:
         classes: Sequence[str] | None = None,
         panel: str | None = None,
         normalization: Normalization = "library",
+        unmeasured: Unmeasured = "zero",
         provenance: dict[str, Any] | None = None,
         history: list[dict[str, Any]] | None = None,
         calibration: dict[str, Any] | None = None,
@@ -105,6 +111,9 @@ class ScBERT:
             raise ValueError(f"normalization must be 'library' or 'panel', got {normalization!r}.")
         self.panel = panel
         self.normalization = normalization
+        if unmeasured not in ("zero", "mask"):
+            raise ValueError(f"unmeasured must be 'zero' or 'mask', got {unmeasured!r}.")
+        self.unmeasured = unmeasured
         self.provenance = dict(provenance or {})
         self.history = list(history or [])
         self.calibration = dict(calibration) if calibration else None
@@ -319,6 +328,7 @@ class ScBERT:
             classes=meta.get("classes"),
             panel=meta.get("panel"),
             normalization=meta.get("normalization", "library"),
+            unmeasured=meta.get("unmeasured", "zero"),
             provenance=meta.get("provenance"),
             history=meta.get("history"),
             calibration=meta.get("calibration"),
@@ -353,6 +363,7 @@ class ScBERT:
             "config": self.config.to_dict(),
             "panel": self.panel,
             "normalization": self.normalization,
+            "unmeasured": self.unmeasured,
             "genes": self.genes,
             "classes": self.classes,
             "provenance": self.provenance,

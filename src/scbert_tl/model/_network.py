@@ -77,9 +77,16 @@ class ClassifierHead(nn.Module):
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, positions, dim)`` encodings to ``(batch, n_classes)`` logits."""
+    def forward(self, x: torch.Tensor, measured: torch.Tensor | None = None) -> torch.Tensor:
+        """``(batch, positions, dim)`` encodings to ``(batch, n_classes)`` logits.
+
+        ``measured``: ``(batch, positions)`` booleans, False at positions fed as ``[MASK]``. Those add
+        nothing to the MLP, and the rest are scaled by the share of positions measured (as inverted
+        dropout), so its input keeps its scale when genes are missing.
+        """
         x = self.act(self.reduce(x).squeeze(-1))
+        if measured is not None:
+            x = x * measured / measured.float().mean(1, keepdim=True)
         x = self.dropout(self.act(self.fc1(x)))
         x = self.dropout(self.act(self.fc2(x)))
         return self.fc3(x)
@@ -142,7 +149,10 @@ class ScBERTNetwork(nn.Module):
         """Classifier logits ``(batch, n_classes)`` when the network has a classifier, else token logits."""
         x = self.encode(tokens)
         if self.classifier is not None:
-            return self.classifier(x)
+            masked = tokens == self.config.mask_token
+            # only batches with [MASK] inputs take the masked path: others keep the original numerics
+            measured = torch.nn.functional.pad(~masked, (0, 1), value=True) if masked.any() else None
+            return self.classifier(x, measured)
         if self.lm_head is None:
             raise RuntimeError("This network has neither a classifier nor a pretraining head; use encode().")
         return self.lm_head(x)

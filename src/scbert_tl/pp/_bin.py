@@ -35,6 +35,7 @@ QC_MIN_GENES = 200  # the paper's quality control: cells with fewer expressed ge
 # Fewest panel genes pp.bin accepts (or 5% of a smaller panel): in PBMC3k, a cell expresses a median of
 # 6 of 100 random panel genes and 1 of 20 (27% of cells none), so below this the model sees near-empty cells.
 MIN_PANEL_GENES = 100
+MEASURED_WARNING = 0.9  # below this share of a model's genes measured, tokens_for warns
 InputKind = Literal["counts", "log1p", "log2", "normalized"]
 _RATIO_TOL = 2e-3  # relative tolerance for recovering integer counts from log-normalised values
 
@@ -622,7 +623,8 @@ def bin(
         )
     if coverage["panel_fraction"] < 0.5:
         logger.warning(
-            "Only %d of the %d panel genes (%.1f%%) are in your data: the model sees the rest as not expressed. "
+            "Only %d of the %d panel genes (%.1f%%) are in your data (the model reads the rest as not "
+            "expressed, or as unknown when it was fine-tuned with gene masking). "
             "Predictions may be less reliable; see adata.uns[%r]['coverage'].",
             n_matched,
             len(genes),
@@ -706,6 +708,7 @@ def tokens_for(
     gene_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
+    unmeasured: Literal["zero", "mask"] | None = None,
 ) -> TokenMatrix:
     """The model's tokens for ``adata``, binning it first when needed.
 
@@ -713,6 +716,9 @@ def tokens_for(
     (the genes were subset or reordered since), from other input than asked for, or from values that
     changed since (the input's fingerprint, see :func:`input_fingerprint`). Input choices not given are
     those of the last :func:`bin`.
+    Model genes that ``adata`` does not have are fed as ``unmeasured`` says (default: the model's
+    :attr:`~scbert_tl.ScBERT.unmeasured`): ``"mask"`` as unknown (the ``[MASK]`` token), ``"zero"`` as not
+    expressed. The share of the model's genes that ``adata`` measures is logged, as a warning below 90%.
     """
     from ..train import TokenMatrix
 
@@ -728,7 +734,38 @@ def tokens_for(
     if reason is not None:
         logger.info("Binning adata for this model's panel (%d genes): the bins %s", len(model.genes), reason)
         bin(adata, panel=model, n_bins=model.n_bins, normalize=model.normalization, **params)
-    return TokenMatrix(adata.layers[LAYER], adata.var[PANEL_INDEX].to_numpy(), len(model.genes))
+    mode = model.unmeasured if unmeasured is None else unmeasured
+    if mode not in ("zero", "mask"):
+        raise ValueError(f"unmeasured must be 'zero' or 'mask', got {mode!r}.")
+    tokens = TokenMatrix(
+        adata.layers[LAYER],
+        adata.var[PANEL_INDEX].to_numpy(),
+        len(model.genes),
+        unmeasured_token=model.config.mask_token if mode == "mask" else None,
+    )
+    _report_coverage(tokens, mode)
+    return tokens
+
+
+def _report_coverage(tokens: TokenMatrix, mode: str) -> None:
+    """Say how many of the model's genes the data measures, and how the others are fed; a warning below 90%."""
+    n_measured, n = int(tokens.measured.sum()), tokens.n_genes
+    if n_measured == n:
+        logger.info("The data measures all %d of the model's genes", n)
+        return
+    log = logger.warning if n_measured < MEASURED_WARNING * n else logger.info
+    log(
+        "The data measures %d of the model's %d genes (%.1f%%); the other %d are fed as %s.%s",
+        n_measured,
+        n,
+        100 * n_measured / n,
+        n - n_measured,
+        "unknown ([MASK])" if mode == "mask" else "not expressed (token 0)",
+        ""
+        if mode == "mask"
+        else " A model fine-tuned with gene masking (scbert.tl.finetune(..., mask_genes=...)) can read them as "
+        "unknown instead (model.unmeasured = 'mask').",
+    )
 
 
 def expression(

@@ -14,7 +14,7 @@ from ..pp._bin import input_params, tokens_for
 from ..train._calibration import calibrate
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
-from ._resolve import resolve_model
+from ._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE, resolve_model
 
 if TYPE_CHECKING:
     import os
@@ -118,15 +118,16 @@ def finetune(
     *,
     model: str | os.PathLike | ScBERT = "scbert-panglao",
     validation: float | str | Sequence[str] = 0.1,
-    epochs: int = 20,
+    epochs: int | None = None,
     batch_size: int = 32,
     lr: float | None = None,
     weight_decay: float = 0.01,
     accumulate: int = 1,
-    patience: int = 5,
+    patience: int | None = None,
     class_weight: Literal["balanced"] | None = "balanced",
     trainable: Literal["all", "original", "head"] | None = None,
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
+    mask_genes: float | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -162,7 +163,8 @@ def finetune(
         Fraction of cells held out (stratified by label), a boolean ``adata.obs`` column (True =
         validation), or a list of obs names.
     epochs
-        Maximum passes over the training cells.
+        Maximum passes over the training cells (the cosine schedule ends with them). Default 8 for a new
+        model, 20 when starting from trained weights.
     batch_size
         Cells per forward pass.
     lr
@@ -173,7 +175,8 @@ def finetune(
     accumulate
         Micro-batches per optimiser step (the update equals one batch of ``batch_size * accumulate``).
     patience
-        Epochs without validation improvement before stopping.
+        Epochs without validation improvement before stopping. Default 3 for a new model, 5 when
+        starting from trained weights.
     class_weight
         ``"balanced"`` weights the loss by inverse class frequency (for imbalanced data); ``None`` does not.
     trainable
@@ -182,6 +185,15 @@ def finetune(
         ``"all"`` for a new model, ``"original"`` for the published weights.
     select_on
         Validation metric that selects the epoch.
+    mask_genes
+        Gene masking: each training cell hides a share of its genes, drawn uniformly from
+        ``[0, mask_genes]``, behind the ``[MASK]`` token, so that the model learns to read genes a
+        query did not measure as unknown rather than as not expressed. A model trained with it feeds
+        its unmeasured genes as ``[MASK]`` (:attr:`~scbert_tl.ScBERT.unmeasured` becomes ``"mask"``);
+        the coverage is logged, as a warning below 90%. A third of the cells keep all genes, a third
+        lose genes at random, a third lose the genes least often detected in the training cells
+        (queries filtered to their most detected genes). Default: 1 for a new model; 0 (none: the
+        published preprocessing, unmeasured genes fed as 0) when starting from trained weights.
     gene_key, layer, use_raw
         Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
         (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
@@ -214,8 +226,11 @@ def finetune(
         new_model = m.provenance.get("source") in ("compact", "new")
         if trainable is None:
             trainable = "all" if new_model else "original"
-        if lr is None:
-            lr = 1e-3 if new_model else 1e-4
+        defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
+        epochs = defaults["epochs"] if epochs is None else epochs
+        patience = defaults["patience"] if patience is None else patience
+        lr = defaults["lr"] if lr is None else lr
+        mask_genes = defaults["mask_genes"] if mask_genes is None else mask_genes
         options = FinetuneOptions(
             epochs=epochs,
             batch_size=batch_size,
@@ -226,8 +241,11 @@ def finetune(
             class_weight=class_weight,
             trainable=trainable,
             select_on=select_on,
+            mask_genes=mask_genes,
             seed=rng,
         )
+        if mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
+            m.unmeasured = "mask"
         tokens = tokens_for(adata, m, **params)
         if m.classes != classes:  # a new head, unless the model already classifies exactly these types
             m.network.add_classifier(len(classes))

@@ -25,9 +25,19 @@ class TokenMatrix:
         Non-negative entries must be unique.
     n_genes
         Panel size.
+    unmeasured_token
+        Token for the panel genes that no user gene maps to (genes the data did not measure): ``None``
+        leaves them 0 (not expressed, what the published scBERT saw), the ``[MASK]`` id reads them as unknown.
     """
 
-    def __init__(self, bins: sp.spmatrix | np.ndarray, panel_index: np.ndarray, n_genes: int) -> None:
+    def __init__(
+        self,
+        bins: sp.spmatrix | np.ndarray,
+        panel_index: np.ndarray,
+        n_genes: int,
+        *,
+        unmeasured_token: int | None = None,
+    ) -> None:
         panel_index = np.asarray(panel_index, dtype=np.int64)
         if bins.shape[1] != panel_index.size:
             raise ValueError(f"bins has {bins.shape[1]} genes but panel_index has {panel_index.size} entries.")
@@ -45,6 +55,15 @@ class TokenMatrix:
         )
         self.csr.sort_indices()
         self.n_genes = n_genes
+        self.measured = np.zeros(n_genes, dtype=bool)
+        self.measured[cols] = True
+        self.unmeasured_token = unmeasured_token
+        self._fill = np.flatnonzero(~self.measured) if unmeasured_token is not None else np.array([], dtype=np.int64)
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of the panel genes the data measured."""
+        return float(self.measured.mean())
 
     @property
     def n_cells(self) -> int:
@@ -55,8 +74,11 @@ class TokenMatrix:
         return self.n_cells
 
     def tokens(self, rows: np.ndarray | slice) -> torch.Tensor:
-        """Dense ``(len(rows), n_genes)`` int8 tokens of the given cells."""
-        return torch.from_numpy(self.csr[rows].toarray())
+        """Dense ``(len(rows), n_genes)`` int8 tokens of the given cells (unmeasured genes filled as asked)."""
+        x = self.csr[rows].toarray()
+        if self._fill.size:
+            x[:, self._fill] = self.unmeasured_token
+        return torch.from_numpy(x)
 
 
 def batch_indices(

@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._settings import settings
+from ._augment import detection_rank, gene_mask
 from ._data import batch_indices
 from ._inference import autocast, run_batches
 from ._runtime import cpu_runtime
@@ -42,6 +43,7 @@ class FinetuneOptions:
     class_weight: str | None = "balanced"
     trainable: Trainable = "all"
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
+    mask_genes: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,6 +58,8 @@ class FinetuneOptions:
             raise ValueError(f"select_on must be 'macro_f1', 'accuracy' or 'loss', got {self.select_on!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}.")
+        if not 0 <= self.mask_genes <= 1:
+            raise ValueError(f"mask_genes must be a share of the genes in [0, 1], got {self.mask_genes}.")
 
 
 def set_trainable(network: ScBERTNetwork, trainable: Trainable) -> int:
@@ -165,6 +169,8 @@ def fit_classifier(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum")
     rng = np.random.default_rng(o.seed)
+    augment = torch.Generator().manual_seed(o.seed)
+    rank = detection_rank(tokens.csr[train_rows]) if o.mask_genes > 0 else None
     labels_t = torch.from_numpy(labels)
     logger.info(
         "Fine-tuning %d trainable parameters (%s) on %d cells, selecting on %d validation cells, %s on %s",
@@ -186,8 +192,14 @@ def fit_classifier(
             step_rows = o.batch_size * o.accumulate
             for group in batch_indices(train_rows, step_rows, shuffle=True, rng=rng):
                 optimizer.zero_grad(set_to_none=True)
-                for micro in batch_indices(group, o.batch_size):
-                    x = tokens.tokens(micro).to(device, non_blocking=True)
+                # drawn for the whole step, so that accumulation does not change which genes are hidden
+                hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, augment, rank)
+                for start in range(0, len(group), o.batch_size):
+                    micro = group[start : start + o.batch_size]
+                    x = tokens.tokens(micro)
+                    if hidden is not None:
+                        x = x.masked_fill(hidden[start : start + len(micro)], network.config.mask_token)
+                    x = x.to(device, non_blocking=True)
                     y = labels_t[micro].to(device)
                     with autocast(device, dtype):
                         logits = network(x)
