@@ -63,29 +63,25 @@ EXEMPT_FROM_SIZES = {f"{PACKAGE}.model._favor"}  # the fused FAVOR+ kernels (for
 # Violations that exist today and are being removed step by step: every entry must still be true (a
 # stale entry fails), and nothing outside this set may appear. Empty when the layout is done.
 ALLOWED: set[str] = {
-    "cycle: scbert_tl <-> scbert_tl._scbert <-> scbert_tl.pl <-> scbert_tl.pl._confusion <-> scbert_tl.pp <-> scbert_tl.pp._bin <-> scbert_tl.tl <-> scbert_tl.tl._annotate <-> scbert_tl.tl._attention <-> scbert_tl.tl._cross_validate <-> scbert_tl.tl._embed <-> scbert_tl.tl._evaluate <-> scbert_tl.tl._finetune <-> scbert_tl.tl._imbalance <-> scbert_tl.tl._novel_type <-> scbert_tl.tl._pretrain <-> scbert_tl.tl._reference_size <-> scbert_tl.tl._resolve <-> scbert_tl.tl._transfer",
     "cycle: scbert_tl._benchmark <-> scbert_tl._cli",
-    "function size: scbert_tl._benchmark.run_benchmark_command has 197 lines",
-    "function size: scbert_tl._cli._parser has 81 lines",
-    "function size: scbert_tl.pp._bin.bin has 205 lines",
-    "function size: scbert_tl.tl._attention.attention has 90 lines",
-    "function size: scbert_tl.tl._finetune.finetune has 95 lines",
-    "function size: scbert_tl.tl._imbalance.class_imbalance has 88 lines",
-    "function size: scbert_tl.tl._novel_type.novel_type_detection has 127 lines",
-    "function size: scbert_tl.tl._pretrain.pretrain has 115 lines",
-    "function size: scbert_tl.tl._transfer.dataset_transfer has 148 lines",
-    "function size: scbert_tl.train._finetune.fit_classifier has 127 lines",
-    "function size: scbert_tl.train._pretrain._pretrain has 317 lines",
-    "module size: scbert_tl._scbert has 491 lines",
-    "module size: scbert_tl.pp._bin has 798 lines",
-    "module size: scbert_tl.tl._evaluate has 453 lines",
-    "module size: scbert_tl.tl._pretrain has 703 lines",
-    "module size: scbert_tl.train._pretrain has 908 lines",
-    "module size: scbert_tl.train._stream has 490 lines",
+    "function size: scbert_tl._benchmark.run_benchmark_command is over 80 lines",
+    "function size: scbert_tl._cli._parser is over 80 lines",
+    "function size: scbert_tl.pp._bin.bin is over 80 lines",
+    "function size: scbert_tl.tl._attention.attention is over 80 lines",
+    "function size: scbert_tl.tl._finetune.finetune is over 80 lines",
+    "function size: scbert_tl.tl._imbalance.class_imbalance is over 80 lines",
+    "function size: scbert_tl.tl._novel_type.novel_type_detection is over 80 lines",
+    "function size: scbert_tl.tl._pretrain.pretrain is over 80 lines",
+    "function size: scbert_tl.tl._transfer.dataset_transfer is over 80 lines",
+    "function size: scbert_tl.train._finetune.fit_classifier is over 80 lines",
+    "function size: scbert_tl.train._pretrain._pretrain is over 80 lines",
+    "module size: scbert_tl._scbert is over 450 lines",
+    "module size: scbert_tl.pp._bin is over 450 lines",
+    "module size: scbert_tl.tl._evaluate is over 450 lines",
+    "module size: scbert_tl.tl._pretrain is over 450 lines",
+    "module size: scbert_tl.train._pretrain is over 450 lines",
+    "module size: scbert_tl.train._stream is over 450 lines",
     "private name: scbert_tl._benchmark imports scbert_tl._cli._read",
-    "private name: scbert_tl._cli imports scbert_tl.__version__",
-    "private name: scbert_tl._scbert imports scbert_tl.__version__",
-    "private name: scbert_tl.tl._pretrain imports scbert_tl.__version__",
     "private name: scbert_tl.tl._pretrain imports scbert_tl.pp._bin._gene_ids",
     "private name: scbert_tl.tl._pretrain imports scbert_tl.pp._bin._nomenclature",
     "private name: scbert_tl.tl._resolve imports scbert_tl.pp._bin._gene_ids",
@@ -96,11 +92,9 @@ ALLOWED: set[str] = {
     "upward: scbert_tl._cli -> scbert_tl",
     "upward: scbert_tl._cli -> scbert_tl._benchmark",
     "upward: scbert_tl._cli -> scbert_tl._demo",
-    "upward: scbert_tl._scbert -> scbert_tl",
     "upward: scbert_tl.pl._confusion -> scbert_tl.tl._finetune",
     "upward: scbert_tl.pp._bin -> scbert_tl._scbert",
     "upward: scbert_tl.pp._bin -> scbert_tl.train",
-    "upward: scbert_tl.tl._pretrain -> scbert_tl",
 }
 
 
@@ -221,7 +215,7 @@ def _direction_violations() -> set[str]:
             other = _component(internal)
             if other != comp and _rank(internal) >= _rank(module):
                 out.add(f"upward: {module} -> {internal}")
-            if other != comp and name is not None and name.startswith("_"):
+            if other != comp and name is not None and name.startswith("_") and not name.startswith("__"):
                 out.add(f"private name: {module} imports {internal}.{name}")
     return out
 
@@ -273,12 +267,12 @@ def _size_violations() -> set[str]:
             continue
         n = len(path.read_text().splitlines())
         if n > MAX_MODULE_LINES:
-            out.add(f"module size: {module} has {n} lines")
+            out.add(f"module size: {module} is over {MAX_MODULE_LINES} lines")
         for node in ast.walk(TREES[module]):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 length = node.end_lineno - node.lineno + 1 - _docstring_lines(node)
                 if length > MAX_FUNCTION_LINES:
-                    out.add(f"function size: {module}.{node.name} has {length} lines")
+                    out.add(f"function size: {module}.{node.name} is over {MAX_FUNCTION_LINES} lines")
     return out
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 
 if "torch" not in sys.modules:
     # before torch loads its OpenMP runtime: waiting threads sleep instead of spinning, which keeps
@@ -14,11 +13,7 @@ if "torch" not in sys.modules:
 from . import _logging, datasets, model, pl, pp, tl  # noqa: E402
 from ._scbert import ScBERT  # noqa: E402
 from ._settings import settings  # noqa: E402
-
-try:
-    __version__ = version("scbert-tl")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
+from ._version import __version__  # noqa: E402
 
 _logging.install()  # INFO and WARNING reach the notebook or shell (settings.verbosity); see _logging
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from ._version import __version__
 from .datasets._registry import file_sha256
 from .model import CheckpointError, ScBERTConfig, ScBERTNetwork, infer_config, load_into, to_own_state_dict
 
@@ -27,12 +28,6 @@ FORMAT_VERSION = 1
 Normalization = Literal["library", "panel"]
 Unmeasured = Literal["zero", "mask"]
 PRETRAINED = {"scbert-panglao": ("scbert-panglao-weights", "scbert-panglao")}
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 class ScBERT:
@@ -359,7 +354,7 @@ class ScBERT:
         meta = {
             "format": "scbert-tl",
             "format_version": FORMAT_VERSION,
-            "scbert_tl_version": _version(),
+            "scbert_tl_version": __version__,
             "config": self.config.to_dict(),
             "panel": self.panel,
             "normalization": self.normalization,

@@ -17,6 +17,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._scbert import PRETRAINED, ScBERT
+from .._version import __version__
 from ..train._stream import SAMPLE, TokenSource, check_col_map, derive_rng, to_panel_csr
 
 if TYPE_CHECKING:
@@ -562,7 +563,7 @@ def pretrain(
     scb.provenance = dict(result.meta.get("provenance") or scb.provenance)
     evals = [h for h in result.history if h.get("stage") == "pretrain" and "val_accuracy" in h]
     record = {
-        "scbert_tl_version": _version(),
+        "scbert_tl_version": __version__,
         "finished": result.finished,
         "steps": result.step,
         "total_steps": result.total_steps,
@@ -580,12 +581,6 @@ def pretrain(
     }
     scb.provenance["pretraining"] = [*list(scb.provenance.get("pretraining", [])), record]
     return scb
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # ---------------------------------------------------------------------------------------------- command line
