@@ -38,7 +38,7 @@ def tokens(n_cells: int, seed: int = 0) -> tuple[sp.csr_matrix, str]:
         import anndata as ad
 
         import scbert_tl as scbert
-        from scbert_tl.train._stream import to_panel_csr
+        from scbert_tl.data import to_panel_csr
 
         a = ad.read_h5ad(counts)[:n_cells].copy()
         scbert.pp.bin(a, panel=panel.read_text().split(), aliases=None)
@@ -53,9 +53,10 @@ def run(batch_size: int, steps: int, checkpointing: bool, device: str, threads: 
     import torch
 
     import scbert_tl as scbert
+    from scbert_tl.data import MemorySource
     from scbert_tl.model import ScBERTConfig, ScBERTNetwork
-    from scbert_tl.train import MemorySource, pretrain_network
     from scbert_tl.train import _pretrain as core
+    from scbert_tl.train import pretrain_network
 
     if threads:
         torch.set_num_threads(threads)

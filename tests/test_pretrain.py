@@ -17,7 +17,8 @@ import torch
 
 import scbert_tl as scbert
 from scbert_tl import ScBERT
-from scbert_tl.train import H5adSource, MemorySource, StreamPlan, mask_tokens, mode_baseline, pretrain_network
+from scbert_tl.data import H5adSource, MemorySource, panel_checksum
+from scbert_tl.train import StreamPlan, mask_tokens, mode_baseline, pretrain_network
 from scbert_tl.train import _pretrain as core
 
 N_GENES = 40
@@ -235,12 +236,13 @@ def test_pretrain_on_files_including_one_binned_on_the_fly(files, tmp_path):
         "raw.h5ad",
     ]
 
-    from scbert_tl.tl._pretrain import H5adFile, _source_for
+    from scbert_tl.data import H5adFile
+    from scbert_tl.tl._data import source_for
 
-    assert isinstance(_source_for(backed, model, "b", main=True), H5adSource)
+    assert isinstance(source_for(backed, model, "b", main=True), H5adSource)
     with pytest.raises(ValueError, match="view of a backed"):
-        _source_for(backed[:5], model, "b", main=True)
-    src = _source_for(tmp_path / "raw.h5ad", model, "raw.h5ad", main=True)
+        source_for(backed[:5], model, "b", main=True)
+    src = source_for(tmp_path / "raw.h5ad", model, "raw.h5ad", main=True)
     expected = raw.copy()
     scbert.pp.bin(expected, panel=model, aliases=None)
     assert np.array_equal(src.read(0, 30).toarray(), _panel_rows(expected))
@@ -478,5 +480,5 @@ def test_compact_model_on_pbmc3k(pbmc3k):
     model = scbert.tl.pretrain(a, n_genes=300, max_steps=2, batch_size=16, validation_size=32)
     assert len(model.genes) == 300 and model.config.depth == 2 and model.provenance["source"] == "compact"
     assert "scbert_bins" in a.layers  # binned in place for the model's panel
-    assert a.uns["scbert"]["panel_checksum"] == scbert.pp._bin.panel_checksum(model.genes)
+    assert a.uns["scbert"]["panel_checksum"] == panel_checksum(model.genes)
     assert model.history[-1]["val_masked"] > 0

@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data import PANEL_INDEX
 from ..model._attention import attention_received, resolve_layers
-from ..pp._bin import PANEL_INDEX, tokens_for
 from ..train import run_batches
 from ..train._inference import check_compute
+from ._data import tokens_for
 from ._resolve import model_for_inference
 
 if TYPE_CHECKING:

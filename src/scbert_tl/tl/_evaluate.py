@@ -321,7 +321,7 @@ def labelled(
 
     ``baseline_input=False``: leave the expression to the caller.
     """
-    from ..pp._bin import input_params
+    from ..data import input_params
     from ._finetune import check_labels_present
 
     if label_key not in adata.obs:

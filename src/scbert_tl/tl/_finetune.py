@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..pp._bin import input_params, tokens_for
+from ..data import input_params
 from ..train._calibration import calibrate
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
+from ._data import tokens_for
 from ._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE, resolve_model
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ def _log_normalised_copy(adata: AnnData, label_key: str, name: str, input_kwargs
     """The cells normalised to 1e4 over their own genes and ``log1p``, with the labels and the dataset name only."""
     import anndata as ad
 
-    from ..pp._bin import input_params
+    from ..data import input_params
 
     params = input_params(adata, **input_kwargs)
     out = ad.AnnData(

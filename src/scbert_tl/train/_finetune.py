@@ -16,13 +16,12 @@ from tqdm.auto import tqdm
 
 from .._settings import settings
 from ._augment import detection_rank, gene_mask
-from ._data import batch_indices
-from ._inference import autocast, run_batches
+from ._inference import autocast, batch_indices, run_batches
 from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
+    from ..data import TokenMatrix
     from ..model import ScBERTNetwork
-    from ._data import TokenMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +195,7 @@ def fit_classifier(
                 hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, augment, rank)
                 for start in range(0, len(group), o.batch_size):
                     micro = group[start : start + o.batch_size]
-                    x = tokens.tokens(micro)
+                    x = torch.from_numpy(tokens.dense(micro))
                     if hidden is not None:
                         x = x.masked_fill(hidden[start : start + len(micro)], network.config.mask_token)
                     x = x.to(device, non_blocking=True)

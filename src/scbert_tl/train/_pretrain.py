@@ -46,8 +46,8 @@ from ._stream import EVAL, HEAD, MASK, REDRAW, StreamPlan, derive_int, derive_rn
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
 
+    from ..data import TokenSource
     from ..model import ScBERTNetwork
-    from ._stream import TokenSource
 
 logger = logging.getLogger(__name__)
 
