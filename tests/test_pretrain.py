@@ -18,8 +18,7 @@ import torch
 import scbert_tl as scbert
 from scbert_tl import ScBERT
 from scbert_tl.data import H5adSource, MemorySource, panel_checksum
-from scbert_tl.train import StreamPlan, mask_tokens, mode_baseline, pretrain_network
-from scbert_tl.train import _pretrain as core
+from scbert_tl.train import StreamPlan, _step, load_checkpoint, mask_tokens, mode_baseline, pretrain_network
 
 N_GENES = 40
 GENES = [f"GENE{i}" for i in range(N_GENES)]
@@ -289,7 +288,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert full.history[-1]["step"] == 15  # 80 cells / (8 x 2) = 5 steps per epoch
 
     calls = {"n": 0}
-    orig = core._train_step
+    orig = _step.train_step
 
     def dies_at_step_7(*args, **kwargs):
         calls["n"] += 1
@@ -297,11 +296,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(core, "_train_step", dies_at_step_7)
+    monkeypatch.setattr(_step, "train_step", dies_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         _run(a, tmp_path / "killed")
-    assert core.load_checkpoint(tmp_path / "killed")["step"] == 6  # the last checkpoint before the kill
-    monkeypatch.setattr(core, "_train_step", orig)
+    assert load_checkpoint(tmp_path / "killed")["step"] == 6  # the last checkpoint before the kill
+    monkeypatch.setattr(_step, "train_step", orig)
     resumed = _run(a, tmp_path / "killed", model=None, resume=True)
 
     for (k, v), (k2, v2) in zip(full.network.state_dict().items(), resumed.network.state_dict().items(), strict=True):
@@ -322,7 +321,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_checkpoint_guards(tmp_path):
     a = _binned(40, GENES, 12)
     _run(a, tmp_path, epochs=1)
-    ckpt = core.load_checkpoint(tmp_path / "checkpoint.pt")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "step", "epoch", "position", "rng", "params", "history"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary files left
     with pytest.raises(FileExistsError, match="resume=True"):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import torch
     from anndata import AnnData
 
-    from ..train._pretrain import Schedule
+    from ..train._step import Schedule
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,9 @@ def pretrain(
     >>> model = scbert.tl.pretrain(["a.h5ad", "b.h5ad"], epochs=5, checkpoint_dir="run1")  # doctest: +SKIP
     >>> model.save("pretrained")  # doctest: +SKIP
     """
-    from ..train._pretrain import CHECKPOINT_NAME, distributed_context, load_checkpoint, pretrain_network
+    from ..train._checkpoint import CHECKPOINT_NAME, load_checkpoint
+    from ..train._distributed import distributed_context
+    from ..train._pretrain import pretrain_network
 
     items = as_items(adata)
     with distributed_context(device) as ctx, _main_rank_only(ctx):
