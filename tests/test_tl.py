@@ -302,7 +302,7 @@ def test_cross_validation_folds_never_leak(pbmc, genes, monkeypatch):
 def test_scores_equal_scikit_learn():
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    from scbert_tl.tl._evaluate import scores
+    from scbert_tl._metrics import scores
 
     truth = np.array(list("aabbbcccd"))
     pred = np.array(list("abbbcccda"))

@@ -117,7 +117,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 def _check_input(path: Path) -> None:
     """Refuse an input that is not an .h5ad file, naming it (before any work)."""
-    from ._scbert import is_hdf5
+    from ._paths import is_hdf5
 
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
@@ -151,7 +151,7 @@ def _read(path: Path):
 
 def check_output_file(path: Path, *, overwrite: bool) -> None:
     """Raise before any work when ``path`` cannot receive an output file."""
-    from ._scbert import check_writable
+    from ._paths import check_writable
 
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; --out takes the name of the .h5ad file to write.")
@@ -162,7 +162,7 @@ def check_output_file(path: Path, *, overwrite: bool) -> None:
 
 def _finetune(args: argparse.Namespace) -> int:
     from . import tl
-    from ._scbert import check_model_target
+    from ._paths import check_model_target
 
     check_model_target(args.out.expanduser(), overwrite=args.overwrite)  # before the work, not after it
     adata = _read(args.input)
@@ -217,7 +217,7 @@ def _annotate(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
-    from ._scbert import check_writable
+    from ._paths import check_writable
 
     check_writable(args.out)  # before the work, not after it
     run_demo(args.out, epochs=args.epochs, seed=args.seed)

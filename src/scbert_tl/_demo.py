@@ -40,7 +40,8 @@ def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0
     import scanpy as sc
 
     from . import tl
-    from .tl._evaluate import l1_logistic, scores
+    from ._metrics import scores
+    from .tl._evaluate import l1_logistic
     from .tl._finetune import stratified_split
 
     t0 = time.perf_counter()

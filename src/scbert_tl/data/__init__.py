@@ -20,7 +20,7 @@ from ._record import (
     recorded_params,
     write_bins,
 )
-from ._slots import DEFAULT_KEY, INPUT_KEYS, LAYER, PANEL_INDEX
+from ._slots import DEFAULT_KEY, INPUT_KEYS, LAYER, PANEL_INDEX, UNKNOWN
 from ._tokens import MemorySource, TokenMatrix, TokenSource, check_col_map, to_panel_csr
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "INPUT_KEYS",
     "LAYER",
     "PANEL_INDEX",
+    "UNKNOWN",
     "FileMatrix",
     "H5adFile",
     "H5adSource",

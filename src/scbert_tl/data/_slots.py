@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+UNKNOWN = "unknown"  # the label of cells of no known type (annotate) and the reserved class name
 DEFAULT_KEY = "scbert"  # default key_added of pp.bin and the tools (documented in their signatures)
 LAYER = "scbert_bins"  # adata.layers: int8 tokens in adata's genes
 PANEL_INDEX = "scbert_panel_index"  # adata.var: each gene's position in the model panel, or -1

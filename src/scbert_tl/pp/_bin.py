@@ -15,7 +15,6 @@ from ..data import (
     LAYER,
     PANEL_INDEX,
     gene_ids,
-    in_memory,
     input_fingerprint,
     matrix,
     panel_checksum,
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from .._scbert import ScBERT
+    from ._kinds import InputKind
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,144 @@ def _tokens(
         shape=(n_rows, n_cols),
     )
     return bins, totals
+
+
+def _check_alignment(ids: pd.Index, genes: list[str], panel_name: str, alignment: Any) -> int:
+    """The number of panel genes matched; an error when none or too few are, a warning when the species may differ."""
+    n_matched = int((alignment.panel_index >= 0).sum())
+    if n_matched == 0:
+        hint = ""
+        if is_ensembl(ids).mean() > 0.5:
+            hint = (
+                " The genes look like Ensembl IDs: pass gene_key= a var column with gene symbols, or make the "
+                "HGNC table available (aliases=)."
+            )
+        raise ValueError(
+            f"None of the {len(ids)} genes of adata ({', '.join(map(str, ids[:3]))}, ...) is in the model panel "
+            f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
+            f"trained on your genes.{hint}"
+        )
+
+    floor = min(MIN_PANEL_GENES, math.ceil(0.05 * len(genes)))
+    if n_matched < floor:
+        found = [str(ids[j]) for j in np.flatnonzero(alignment.panel_index >= 0)[:5]]
+        raise ValueError(
+            f"Only {n_matched} of the {len(genes)} genes of the model panel '{panel_name}' are in adata ({found}); "
+            f"at least {floor} are needed ({MIN_PANEL_GENES}, or 5% of a smaller panel). With so few, most cells "
+            "express none or a handful of them and the model would see nearly empty cells. Check that the genes are "
+            "human symbols or Ensembl IDs (gene_key= names a var column holding them), or use a model trained on "
+            "your genes."
+        )
+    _check_species(ids, alignment)
+    return n_matched
+
+
+def _log_kind(where: str, kind: InputKind, normalization: str) -> None:
+    logger.info(
+        "pp.bin: %s looks like %s; %s",
+        where,
+        {
+            "counts": "raw counts",
+            "log1p": "log1p (natural log) normalised data",
+            "log2": "log2(1 + x) normalised data",
+            "normalized": "normalised, not log-transformed data",
+        }[kind],
+        f"normalising each cell to 1e4 over {'all its genes' if normalization == 'library' else 'the panel genes'}"
+        + ("" if kind == "counts" else " after undoing it exactly"),
+    )
+
+
+def _bin_chunks(
+    X: Any, where: str, kind: InputKind, alignment: Any, n_bins: int, normalization: str, chunk_size: int
+) -> tuple[sp.csr_matrix, np.ndarray, tuple[float, float, int]]:
+    """Bins of every cell, read ``chunk_size`` cells at a time; expressed genes per cell; count totals (panel, all, empty cells)."""
+    target = alignment.target
+    primary = np.full(target.size, -1, dtype=np.int64)
+    first_of_position = {pos: j for j, pos in enumerate(alignment.panel_index) if pos >= 0}
+    for j, pos in enumerate(target):
+        if pos >= 0:
+            primary[j] = first_of_position[pos]
+
+    n_obs = X.shape[0]
+    chunks, n_genes_expr = [], []
+    panel_total = all_total = 0.0
+    zero_cells = 0
+    bar = tqdm(total=n_obs, desc="pp.bin", unit="cells", disable=not settings.progress or n_obs <= chunk_size)
+    for start in range(0, n_obs, chunk_size):
+        stop = min(start + chunk_size, n_obs)
+        raw = rows(X, start, stop)
+        raw.eliminate_zeros()
+        check_values(raw, f"{where} (cells {start}..{stop - 1})")
+        lin = linear(raw, kind, where)
+        bins, totals = _tokens(
+            lin, target, primary, n_bins, sum_duplicates=alignment.duplicates > 0, library=normalization == "library"
+        )
+        chunks.append(bins)
+        n_genes_expr.append(np.diff(raw.indptr))
+        panel_total += totals.sum()
+        all_total += lin.data.sum()
+        zero_cells += int((totals == 0).sum())
+        bar.update(stop - start)
+    bar.close()
+    bins = sp.vstack(chunks, format="csr", dtype=np.int8) if len(chunks) > 1 else chunks[0]
+    return bins, np.concatenate(n_genes_expr), (panel_total, all_total, zero_cells)
+
+
+def _coverage(alignment: Any, genes: list[str], ids: pd.Index, totals: tuple[float, float, int]) -> dict[str, Any]:
+    panel_total, all_total, zero_cells = totals
+    n_matched = int((alignment.panel_index >= 0).sum())
+    return {
+        "panel_genes_matched": n_matched,
+        "panel_size": len(genes),
+        "panel_fraction": n_matched / len(genes),
+        "user_genes": int(len(ids)),
+        "user_genes_matched": int((alignment.target >= 0).sum()),
+        "counts_fraction": float(panel_total / all_total) if all_total > 0 else 0.0,
+        "by_method": alignment.counts(),
+        "duplicates_summed": alignment.duplicates,
+        "shadowed": len(alignment.shadowed),
+        "cells_without_panel_counts": zero_cells,
+    }
+
+
+def _log_coverage(coverage: dict[str, Any], alignment: Any, key_added: str, n_obs: int) -> None:
+    n_matched, n_panel, zero_cells = (
+        coverage["panel_genes_matched"],
+        coverage["panel_size"],
+        coverage["cells_without_panel_counts"],
+    )
+    logger.info(
+        "pp.bin: %d of %d panel genes matched (%.1f%%; exact %d, case %d, nomenclature %d, Ensembl %d); "
+        "%.1f%% of the counts land in the panel",
+        n_matched,
+        n_panel,
+        100 * coverage["panel_fraction"],
+        *alignment.counts().values(),
+        100 * coverage["counts_fraction"],
+    )
+    if alignment.duplicates:
+        logger.info(
+            "pp.bin: %d genes map to a panel gene another gene already has; their counts were summed",
+            alignment.duplicates,
+        )
+    if coverage["panel_fraction"] < 0.5:
+        logger.warning(
+            "Only %d of the %d panel genes (%.1f%%) are in your data (the model reads the rest as not "
+            "expressed, or as unknown when it was fine-tuned with gene masking). "
+            "Predictions may be less reliable; see adata.uns[%r]['coverage'].",
+            n_matched,
+            n_panel,
+            100 * coverage["panel_fraction"],
+            key_added,
+        )
+    if zero_cells:
+        logger.warning(
+            "%d of %d cells (%.1f%%) have no counts in the panel genes: all their tokens are 0, so the model sees "
+            "an empty cell and gives each of them the same prediction.",
+            zero_cells,
+            n_obs,
+            100 * zero_cells / n_obs,
+        )
 
 
 def bin(
@@ -229,129 +367,17 @@ def bin(
 
     table, nom_source = nomenclature(aliases)
     alignment = align_genes(ids, genes, nomenclature=table)
-    n_matched = int((alignment.panel_index >= 0).sum())
-    if n_matched == 0:
-        hint = ""
-        if is_ensembl(ids).mean() > 0.5:
-            hint = (
-                " The genes look like Ensembl IDs: pass gene_key= a var column with gene symbols, or make the "
-                "HGNC table available (aliases=)."
-            )
-        raise ValueError(
-            f"None of the {len(ids)} genes of adata ({', '.join(map(str, ids[:3]))}, ...) is in the model panel "
-            f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
-            f"trained on your genes.{hint}"
-        )
-
-    floor = min(MIN_PANEL_GENES, math.ceil(0.05 * len(genes)))
-    if n_matched < floor:
-        found = [str(ids[j]) for j in np.flatnonzero(alignment.panel_index >= 0)[:5]]
-        raise ValueError(
-            f"Only {n_matched} of the {len(genes)} genes of the model panel '{panel_name}' are in adata ({found}); "
-            f"at least {floor} are needed ({MIN_PANEL_GENES}, or 5% of a smaller panel). With so few, most cells "
-            "express none or a handful of them and the model would see nearly empty cells. Check that the genes are "
-            "human symbols or Ensembl IDs (gene_key= names a var column holding them), or use a model trained on "
-            "your genes."
-        )
-    _check_species(ids, alignment)
-
+    _check_alignment(ids, genes, panel_name, alignment)
     kind = detect_kind(rows(X, 0, min(adata.n_obs, 2000)), where)
-    logger.info(
-        "pp.bin: %s looks like %s; %s",
-        where,
-        {
-            "counts": "raw counts",
-            "log1p": "log1p (natural log) normalised data",
-            "log2": "log2(1 + x) normalised data",
-            "normalized": "normalised, not log-transformed data",
-        }[kind],
-        f"normalising each cell to 1e4 over {'all its genes' if normalization == 'library' else 'the panel genes'}"
-        + ("" if kind == "counts" else " after undoing it exactly"),
-    )
-
-    target = alignment.target
-    primary = np.full(target.size, -1, dtype=np.int64)
-    first_of_position = {pos: j for j, pos in enumerate(alignment.panel_index) if pos >= 0}
-    for j, pos in enumerate(target):
-        if pos >= 0:
-            primary[j] = first_of_position[pos]
-
-    chunks, n_genes_expr = [], []
-    panel_total = all_total = 0.0
-    zero_cells = 0
-    bar = tqdm(
-        total=adata.n_obs, desc="pp.bin", unit="cells", disable=not settings.progress or adata.n_obs <= chunk_size
-    )
-    for start in range(0, adata.n_obs, chunk_size):
-        stop = min(start + chunk_size, adata.n_obs)
-        raw = rows(X, start, stop)
-        raw.eliminate_zeros()
-        check_values(raw, f"{where} (cells {start}..{stop - 1})")
-        lin = linear(raw, kind, where)
-        bins, totals = _tokens(
-            lin, target, primary, n_bins, sum_duplicates=alignment.duplicates > 0, library=normalization == "library"
-        )
-        chunks.append(bins)
-        n_genes_expr.append(np.diff(raw.indptr))
-        panel_total += totals.sum()
-        all_total += lin.data.sum()
-        zero_cells += int((totals == 0).sum())
-        bar.update(stop - start)
-    bar.close()
-    bins = sp.vstack(chunks, format="csr", dtype=np.int8) if len(chunks) > 1 else chunks[0]
-    n_expr = np.concatenate(n_genes_expr)
+    _log_kind(where, kind, normalization)
+    bins, n_expr, totals = _bin_chunks(X, where, kind, alignment, n_bins, normalization, chunk_size)
     if min_genes is not None and (n_expr < min_genes).all():
         raise ValueError(
             f"min_genes={min_genes} would remove every cell (the most genes any cell expresses is {n_expr.max()}); "
             "pass a lower min_genes, or None to only flag cells with fewer than 200."
         )
-
-    counts_fraction = float(panel_total / all_total) if all_total > 0 else 0.0
-    coverage = {
-        "panel_genes_matched": n_matched,
-        "panel_size": len(genes),
-        "panel_fraction": n_matched / len(genes),
-        "user_genes": int(len(ids)),
-        "user_genes_matched": int((target >= 0).sum()),
-        "counts_fraction": counts_fraction,
-        "by_method": alignment.counts(),
-        "duplicates_summed": alignment.duplicates,
-        "shadowed": len(alignment.shadowed),
-        "cells_without_panel_counts": zero_cells,
-    }
-    logger.info(
-        "pp.bin: %d of %d panel genes matched (%.1f%%; exact %d, case %d, nomenclature %d, Ensembl %d); "
-        "%.1f%% of the counts land in the panel",
-        n_matched,
-        len(genes),
-        100 * coverage["panel_fraction"],
-        *alignment.counts().values(),
-        100 * counts_fraction,
-    )
-    if alignment.duplicates:
-        logger.info(
-            "pp.bin: %d genes map to a panel gene another gene already has; their counts were summed",
-            alignment.duplicates,
-        )
-    if coverage["panel_fraction"] < 0.5:
-        logger.warning(
-            "Only %d of the %d panel genes (%.1f%%) are in your data (the model reads the rest as not "
-            "expressed, or as unknown when it was fine-tuned with gene masking). "
-            "Predictions may be less reliable; see adata.uns[%r]['coverage'].",
-            n_matched,
-            len(genes),
-            100 * coverage["panel_fraction"],
-            key_added,
-        )
-    if zero_cells:
-        logger.warning(
-            "%d of %d cells (%.1f%%) have no counts in the panel genes: all their tokens are 0, so the model sees "
-            "an empty cell and gives each of them the same prediction.",
-            zero_cells,
-            adata.n_obs,
-            100 * zero_cells / adata.n_obs,
-        )
-
+    coverage = _coverage(alignment, genes, ids, totals)
+    _log_coverage(coverage, alignment, key_added, adata.n_obs)
     if LAYER in adata.layers:
         logger.info("pp.bin: replacing the existing adata.layers[%r]", LAYER)
     qc_threshold = QC_MIN_GENES if min_genes is None else int(min_genes)
@@ -399,33 +425,3 @@ def bin(
             f"{key_added}_low_quality",
         )
     return adata if copy else None
-
-
-def expression(
-    adata: AnnData,
-    *,
-    gene_key: str | None = None,
-    layer: str | None = None,
-    use_raw: bool = False,
-    max_cells: int | None = None,
-    rng: np.random.Generator | None = None,
-) -> sp.csr_matrix:
-    """Values proportional to each cell's counts (log-normalised input undone), as float32 CSR.
-
-    Used where scanpy's own preprocessing is wanted on the same input :func:`bin` reads (e.g. ranking
-    highly variable genes). At most ``max_cells`` cells, drawn by ``rng``, in their original order.
-    """
-    X, where = matrix(adata, layer, use_raw)
-    cells = np.arange(adata.n_obs)
-    if max_cells is not None and adata.n_obs > max_cells:
-        rng = rng if rng is not None else np.random.default_rng(0)
-        cells = np.sort(rng.choice(adata.n_obs, size=max_cells, replace=False))
-    kind = detect_kind(rows(X, 0, min(adata.n_obs, 2000)), where)
-    parts = []
-    for start in range(0, cells.size, 5_000):
-        idx = cells[start : start + 5_000]
-        chunk = in_memory(X[idx])
-        chunk.eliminate_zeros()
-        check_values(chunk, where)
-        parts.append(linear(chunk, kind, where).astype(np.float32))
-    return sp.vstack(parts, format="csr")

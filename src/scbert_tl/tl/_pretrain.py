@@ -58,7 +58,7 @@ def _compact_genes(items: list[AnnData | Path], *, n_genes: int, seed: int) -> l
 
     from .. import datasets
     from ..data import H5adFile, bins_record, gene_ids, matrix_key, recorded_params
-    from ..pp._bin import expression
+    from ..pp._expression import expression
     from ..pp._genes import align_genes, nomenclature
 
     panel = datasets.panel_genes("scbert-panglao")
@@ -440,7 +440,7 @@ def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 def run_pretrain_command(args: argparse.Namespace) -> int:
     """Run ``scbert pretrain`` from parsed arguments; returns the exit status (errors are printed, not raised)."""
-    from .._scbert import check_model_target
+    from .._paths import check_model_target
 
     output = Path(args.output).expanduser()
     try:

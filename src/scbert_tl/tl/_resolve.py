@@ -59,7 +59,7 @@ def compact_genes(
 
     from .. import datasets
     from ..data import gene_ids
-    from ..pp._bin import expression
+    from ..pp._expression import expression
     from ..pp._genes import align_genes, nomenclature
 
     params = params or {}
