@@ -350,12 +350,7 @@ def bin(
     >>> adata = sc.datasets.pbmc68k_reduced()
     >>> scbert.pp.bin(adata, use_raw=True)  # doctest: +SKIP
     """
-    if n_bins < 1 or n_bins > 126:
-        raise ValueError(f"n_bins must be between 1 and 126, got {n_bins}.")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    _check_args(adata, n_bins, chunk_size)
     if copy:
         adata = adata.copy()
     genes, panel_name, default_normalization = _resolve_panel(panel)
@@ -412,6 +407,23 @@ def bin(
             "aliases": aliases if isinstance(aliases, str) or aliases is None else "table",
         },
     )
+    _quality_control(adata, n_expr, min_genes, qc_threshold, key_added)
+    return adata if copy else None
+
+
+def _check_args(adata: AnnData, n_bins: int, chunk_size: int) -> None:
+    if n_bins < 1 or n_bins > 126:
+        raise ValueError(f"n_bins must be between 1 and 126, got {n_bins}.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}.")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+
+
+def _quality_control(
+    adata: AnnData, n_expr: np.ndarray, min_genes: int | None, qc_threshold: int, key_added: str
+) -> None:
+    """Remove the cells with fewer than ``min_genes`` expressed genes, or say how many are flagged."""
     n_low = int((n_expr < qc_threshold).sum())
     if min_genes is not None and n_low:
         logger.info("pp.bin: removing %d cells with fewer than %d expressed genes", n_low, min_genes)
@@ -424,4 +436,3 @@ def bin(
             qc_threshold,
             f"{key_added}_low_quality",
         )
-    return adata if copy else None

@@ -151,58 +151,15 @@ def novel_type_detection(
             run = {"left_out": novel_type, "fold": fold}
             for method in data.methods:
                 pred = data.run(method, train, test, model=model, validation=val_names, seed=rng, novelty=True)
-                right = pred.labels == truth
-                ece = expected_calibration_error(pred.confidence[~novel], right[~novel])
                 counts = {
                     "n_train": int(train.size - val.size),
                     "n_known": int((~novel).sum()),
                     "n_novel": int(novel.sum()),
                 }
-                for t in thresholds:
-                    unknown = pred.confidence < t
-                    rows.append(
-                        {
-                            "method": method,
-                            **run,
-                            "threshold": t,
-                            **_rates(unknown, right, novel),
-                            "known_accuracy_forced": float(right[~novel].mean()),
-                            "ece": ece,
-                            **counts,
-                            "seconds": pred.seconds,
-                        }
-                    )
-                for score, values in pred.novelty.items():
-                    threshold = float(np.quantile(pred.validation_novelty[score], 1 - false_unknown_rate))
-                    chosen.append(
-                        {
-                            "method": method,
-                            "score": score,
-                            **run,
-                            "threshold": threshold,
-                            "validation_unknown": float((pred.validation_novelty[score] > threshold).mean()),
-                            **_rates(values > threshold, right, novel),
-                            "auroc": _auroc(values, novel),
-                            "ece": ece,
-                        }
-                    )
-                predicted, n = np.unique(pred.labels[novel], return_counts=True)
-                novel_as += [
-                    {"method": method, **run, "predicted": str(p), "n": int(k)}
-                    for p, k in zip(predicted, n, strict=True)
-                ]
-                mine = chosen[-len(pred.novelty) :]
-                best = next((c for c in mine if c["score"] == NOVELTY_SCORE), mine[0])  # what annotate uses
-                logger.info(
-                    "  %s: at the threshold for %.0f%% false unknowns on validation cells (%s), novel recall %.3f, "
-                    "known accuracy %.3f; ECE %.3f",
-                    method,
-                    100 * false_unknown_rate,
-                    best["score"],
-                    best["novel_recall"],
-                    best["known_accuracy"],
-                    ece,
-                )
+                found = _method_rows(method, pred, truth, novel, run, counts, thresholds, false_unknown_rate)
+                rows += found[0]
+                chosen += found[1]
+                novel_as += found[2]
     frame = pd.DataFrame(rows)
     params = base_params(
         data,
@@ -218,6 +175,65 @@ def novel_type_detection(
     )
     store(adata, key_added, frame, params, chosen=pd.DataFrame(chosen), novel_as=pd.DataFrame(novel_as))
     return frame
+
+
+def _method_rows(
+    method: str,
+    pred: Any,
+    truth: np.ndarray,
+    novel: np.ndarray,
+    run: dict[str, Any],
+    counts: dict[str, int],
+    thresholds: Sequence[float],
+    false_unknown_rate: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One method's rows of one run: per fixed threshold, per novelty score at the validation-chosen threshold, and what the novel cells were called."""
+    rows: list[dict[str, Any]] = []
+    chosen: list[dict[str, Any]] = []
+    right = pred.labels == truth
+    ece = expected_calibration_error(pred.confidence[~novel], right[~novel])
+    for t in thresholds:
+        unknown = pred.confidence < t
+        rows.append(
+            {
+                "method": method,
+                **run,
+                "threshold": t,
+                **_rates(unknown, right, novel),
+                "known_accuracy_forced": float(right[~novel].mean()),
+                "ece": ece,
+                **counts,
+                "seconds": pred.seconds,
+            }
+        )
+    for score, values in pred.novelty.items():
+        threshold = float(np.quantile(pred.validation_novelty[score], 1 - false_unknown_rate))
+        chosen.append(
+            {
+                "method": method,
+                "score": score,
+                **run,
+                "threshold": threshold,
+                "validation_unknown": float((pred.validation_novelty[score] > threshold).mean()),
+                **_rates(values > threshold, right, novel),
+                "auroc": _auroc(values, novel),
+                "ece": ece,
+            }
+        )
+    predicted, n = np.unique(pred.labels[novel], return_counts=True)
+    novel_as = [{"method": method, **run, "predicted": str(p), "n": int(k)} for p, k in zip(predicted, n, strict=True)]
+    best = next((c for c in chosen if c["score"] == NOVELTY_SCORE), chosen[0])  # what annotate uses
+    logger.info(
+        "  %s: at the threshold for %.0f%% false unknowns on validation cells (%s), novel recall %.3f, "
+        "known accuracy %.3f; ECE %.3f",
+        method,
+        100 * false_unknown_rate,
+        best["score"],
+        best["novel_recall"],
+        best["known_accuracy"],
+        ece,
+    )
+    return rows, chosen, novel_as
 
 
 def _rates(unknown: np.ndarray, right: np.ndarray, novel: np.ndarray) -> dict[str, float]:

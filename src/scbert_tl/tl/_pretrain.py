@@ -31,6 +31,33 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _MAX_HVG_CELLS = 50_000
+# the arguments of tl.pretrain that pass through to the loop (train._pretrain.pretrain_network)
+_LOOP_ARGS = (
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "accumulate",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "schedule",
+    "max_grad_norm",
+    "mask_prob",
+    "replace_prob",
+    "redraw_every",
+    "validation_size",
+    "eval_every",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+    "stop_after",
+    "chunk_size",
+    "shuffle_buffer",
+    "gradient_checkpointing",
+    "device",
+    "precision",
+    "random_state",
+)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -288,32 +315,13 @@ def pretrain(
     >>> model = scbert.tl.pretrain(["a.h5ad", "b.h5ad"], epochs=5, checkpoint_dir="run1")  # doctest: +SKIP
     >>> model.save("pretrained")  # doctest: +SKIP
     """
-    from ..train._checkpoint import CHECKPOINT_NAME, load_checkpoint
     from ..train._distributed import distributed_context
     from ..train._pretrain import pretrain_network
 
+    loop = {k: v for k, v in locals().items() if k in _LOOP_ARGS}
     items = as_items(adata)
     with distributed_context(device) as ctx, _main_rank_only(ctx):
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-        if resume and ckpt is not None and ckpt.exists():
-            state = load_checkpoint(ckpt)
-            scb = _from_checkpoint(state)
-            if ctx.is_main:
-                logger.info("Resuming from %s (the model comes from the checkpoint).", ckpt)
-            if lr is None:
-                lr = float(state["params"]["lr"])
-            del state
-            new_model = False
-        else:
-            if ckpt is not None and ckpt.exists():
-                raise FileExistsError(
-                    f"{ckpt} exists from an earlier run; pass resume=True to continue it, or another checkpoint_dir."
-                )
-            new_model = model is None or (isinstance(model, str) and model == "compact")
-            scb = _resolve(model, items, n_genes=n_genes, seed=random_state)
-            _broadcast_genes(scb, ctx)
-        if lr is None:
-            lr = 1e-3 if new_model else 1e-4
+        scb, loop["lr"] = _start(model, items, loop, n_genes=n_genes, ctx=ctx)
         names = [item_name(it, i, len(items)) for i, it in enumerate(items)]
         sources = [source_for(it, scb, nm, main=ctx.is_main) for it, nm in zip(items, names, strict=True)]
         meta = {
@@ -323,40 +331,43 @@ def pretrain(
             "normalization": scb.normalization,
             "provenance": scb.provenance,
         }
-        result = pretrain_network(
-            scb.network,
-            sources,
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            accumulate=accumulate,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            schedule=schedule,
-            max_grad_norm=max_grad_norm,
-            mask_prob=mask_prob,
-            replace_prob=replace_prob,
-            redraw_every=redraw_every,
-            validation_size=validation_size,
-            eval_every=eval_every,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            stop_after=stop_after,
-            chunk_size=chunk_size,
-            shuffle_buffer=shuffle_buffer,
-            gradient_checkpointing=gradient_checkpointing,
-            device=device,
-            precision=precision,
-            random_state=random_state,
-            checkpoint_meta=meta,
-            history=scb.history,
-        )
+        result = pretrain_network(scb.network, sources, **loop, checkpoint_meta=meta, history=scb.history)
     scb.history = result.history
     scb.provenance = dict(result.meta.get("provenance") or scb.provenance)
+    scb.provenance["pretraining"] = [*list(scb.provenance.get("pretraining", [])), _record(result, names)]
+    return scb
+
+
+def _start(
+    model: ScBERT | str | os.PathLike | None, items: list[Any], loop: dict[str, Any], *, n_genes: int, ctx: Any
+) -> tuple[ScBERT, float]:
+    """The model to pretrain (from the checkpoint when resuming, else ``model``) and the learning rate."""
+    from ..train._checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    checkpoint_dir, lr = loop["checkpoint_dir"], loop["lr"]
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if loop["resume"] and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        scb = _from_checkpoint(state)
+        if ctx.is_main:
+            logger.info("Resuming from %s (the model comes from the checkpoint).", ckpt)
+        return scb, float(state["params"]["lr"]) if lr is None else lr
+    if ckpt is not None and ckpt.exists():
+        raise FileExistsError(
+            f"{ckpt} exists from an earlier run; pass resume=True to continue it, or another checkpoint_dir."
+        )
+    new_model = model is None or (isinstance(model, str) and model == "compact")
+    scb = _resolve(model, items, n_genes=n_genes, seed=loop["random_state"])
+    _broadcast_genes(scb, ctx)
+    if lr is None:
+        lr = 1e-3 if new_model else 1e-4
+    return scb, lr
+
+
+def _record(result: Any, names: list[str]) -> dict[str, Any]:
+    """The provenance record of one pretraining run."""
     evals = [h for h in result.history if h.get("stage") == "pretrain" and "val_accuracy" in h]
-    record = {
+    return {
         "scbert_tl_version": __version__,
         "finished": result.finished,
         "steps": result.step,
@@ -373,8 +384,6 @@ def pretrain(
         else None,
         "recorded": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    scb.provenance["pretraining"] = [*list(scb.provenance.get("pretraining", [])), record]
-    return scb
 
 
 # ---------------------------------------------------------------------------------------------- command line
