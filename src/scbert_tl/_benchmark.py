@@ -82,7 +82,7 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         "--types",
         action="append",
         metavar="TYPE",
-        help="imbalance: types in design order large, small, ... (repeatable)",
+        help="imbalance: types in design order large, small, ... (repeatable; default: the four most abundant)",
     )
     bench.add_argument("--ratio", type=float, default=100, help="imbalance: large-to-small ratio")
     bench.add_argument(
