@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 UNKNOWN = "unknown"
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
 # text that stands for a missing label (a NaN or None turned into a string, an empty cell of a table)
 MISSING_LABELS = ("", "nan", "none", "null", "na", "n/a", "<na>")
 
@@ -53,16 +56,28 @@ def check_labels_present(col: pd.Series, label_key: str) -> None:
         )
 
 
+def class_order(labels: pd.Series | np.ndarray | Sequence) -> list[str]:
+    """The distinct labels as text, in their natural order.
+
+    A categorical's own category order (the categories that occur); integer labels by value
+    (``1, 2, 10``, not ``"1", "10", "2"``), whether stored as numbers or as text; other labels sorted
+    as text. Every place that builds classes (fine-tuning, the evaluation protocols, the plots) uses it.
+    """
+    col = labels if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
+    present = set(col.astype(str))
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        return [str(c) for c in col.cat.categories if str(c) in present]
+    if all(_INTEGER.fullmatch(n) for n in present):
+        return sorted(present, key=lambda n: (int(n), n))
+    return sorted(present)
+
+
 def _labels(adata: AnnData, label_key: str) -> tuple[np.ndarray, list[str]]:
     if label_key not in adata.obs:
         raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")
     col = adata.obs[label_key]
     check_labels_present(col, label_key)
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        present = set(col.astype(str))
-        classes = [str(c) for c in col.cat.categories if str(c) in present]
-    else:
-        classes = sorted(set(col.astype(str)))
+    classes = class_order(col)
     if UNKNOWN in classes:
         raise ValueError(f"The label {UNKNOWN!r} is reserved for cells of no known type; rename that class.")
     if len(classes) < 2:
@@ -116,7 +131,7 @@ def finetune(
     adata: AnnData,
     label_key: str,
     *,
-    model: str | os.PathLike | ScBERT = "scbert-panglao",
+    model: str | os.PathLike | ScBERT = "compact",
     validation: float | str | Sequence[str] = 0.1,
     epochs: int | None = None,
     batch_size: int = 32,
@@ -155,10 +170,12 @@ def finetune(
     label_key
         Column of ``adata.obs`` with the cell types.
     model
-        Where to start: ``"scbert-panglao"`` (the published pretrained weights, full configuration),
-        ``"compact"`` (a new CPU-sized model over at most 2,000 highly variable panel genes of
-        ``adata``, trained from scratch), an :class:`~scbert_tl.ScBERT` (copied, not changed), or
-        the path of a saved model.
+        Where to start. ``"compact"`` (the default, as in ``scbert finetune``): a new CPU-sized model over
+        at most 2,000 highly variable panel genes of ``adata``, trained from scratch; it runs offline on a
+        laptop CPU (it needs only the gene panel, a small cached asset). ``"scbert-panglao"``: the
+        published pretrained weights in the full configuration: a download and a GPU workload, so
+        chosen explicitly. Or an :class:`~scbert_tl.ScBERT` (copied, not changed), or the path
+        of a saved model.
     validation
         Fraction of cells held out (stratified by label), a boolean ``adata.obs`` column (True =
         validation), or a list of obs names.

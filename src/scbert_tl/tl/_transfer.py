@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._evaluate import INPUT_KEYS, base_params, gene_ids, labelled, log_normalised, predict, score_row, store, summarise
+from ._finetune import class_order
 
 if TYPE_CHECKING:
     import os
@@ -269,8 +270,8 @@ def dataset_transfer(
         fit_key = label_key if own_level else SHARED
         mapping = _to_shared(ref.obs[label_key].to_numpy(), ref.obs[SHARED].to_numpy(), held_out) if own_level else {}
         truth = query.obs[SHARED].to_numpy(dtype=str)
-        train_shared = sorted(set(ref.obs[SHARED]))
-        query_types = sorted(set(truth))
+        train_shared = class_order(ref.obs[SHARED].astype(str).to_numpy())
+        query_types = class_order(truth)
         scored = [t for t in train_shared if t in query_types]
         unseen = int((~np.isin(truth, train_shared)).sum())
         unmatched = [t for t in train_shared if t not in query_types]
@@ -286,7 +287,7 @@ def dataset_transfer(
             "n_genes": int(genes.size),
             "labels": "own" if own_level else "shared",
             "unmatched": unmatched,
-            "unseen": sorted(set(query_types) - set(train_shared)),
+            "unseen": [t for t in query_types if t not in train_shared],
             "label_map": {k: v for k, v in mapping.items() if v != k},
         }
         logger.info(

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._files import as_umask_allows
 from .._settings import settings
 from ..model import FavorAttention
 from ._inference import auto_batch_size, autocast
@@ -275,6 +276,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        as_umask_allows(tmp, folder=False)  # mkstemp's file is private (0o600)
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
