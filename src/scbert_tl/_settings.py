@@ -141,7 +141,7 @@ class ScBERTSettings:
 
     @property
     def onednn(self) -> bool:
-        """Whether float32 CPU products may use oneDNN with packed weights (default: on; ``SCBERT_ONEDNN=0`` turns it off).
+        """Whether float32 CPU products may use oneDNN with packed weights (on by default; ``SCBERT_ONEDNN=0`` turns it off).
 
         It is still only used where it is present and agrees with :func:`torch.nn.functional.linear`.
         """

@@ -206,7 +206,7 @@ def finetune(
         Gene masking: each training cell hides a share of its genes, drawn uniformly from
         ``[0, mask_genes]``, behind the ``[MASK]`` token, so that the model learns to read genes a
         query did not measure as unknown rather than as not expressed. A model trained with it feeds
-        its unmeasured genes as ``[MASK]`` (:attr:`~scbert_tl.ScBERT.unmeasured` becomes ``"mask"``);
+        its unmeasured genes as ``[MASK]`` (the model's ``unmeasured`` becomes ``"mask"``);
         the coverage is logged, as a warning below 90%. A third of the cells keep all genes, a third
         lose genes at random, a third lose the genes least often detected in the training cells
         (queries filtered to their most detected genes). Default: 1 for a new model; 0 (none: the
