@@ -497,10 +497,11 @@ def test_cli_input_that_is_not_an_h5ad_file(rng, tmp_path, capsys):
 def test_cli_model_that_is_data(rng, tmp_path, capsys):
     adata = _adata(rng)
     adata.write_h5ad(tmp_path / "q.h5ad")
-    argv = ["annotate", str(tmp_path / "q.h5ad"), "--model", str(tmp_path / "q.h5ad"), "--out", str(tmp_path / "o")]
+    out = tmp_path / "o.h5ad"
+    argv = ["annotate", str(tmp_path / "q.h5ad"), "--model", str(tmp_path / "q.h5ad"), "--out", str(out)]
     assert main([*argv, "-q"]) == 1
     assert "is an HDF5 file (an .h5ad?), not a model" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+    assert not out.exists()
 
 
 def test_cli_checks_the_output_before_the_work(rng, tmp_path, capsys, monkeypatch):

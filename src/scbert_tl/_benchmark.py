@@ -1,4 +1,8 @@
-"""The ``scbert benchmark`` command: run evaluation protocols and write a report folder (tables, figures, results)."""
+"""The ``scbert benchmark`` command: run evaluation protocols and write a report folder (tables, figures, results).
+
+Its parser is built at ``scbert --help`` time: this module imports the standard library only at import
+time (numpy and the rest inside the functions that use them).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 if TYPE_CHECKING:
     import argparse
@@ -41,21 +43,22 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         "(leave-one-type-out novel-type detection), imbalance (large and rare types alternating), transfer "
         "(train on one file, annotate another; needs two or more files). All but transfer run on each file.",
     )
-    bench.add_argument("inputs", type=Path, nargs="+", metavar="IN.h5ad")
+    bench.add_argument("inputs", type=Path, nargs="+", metavar="IN.h5ad", help="labelled cells, one file a dataset")
     bench.add_argument("--label-key", required=True, help="obs column with the cell types (in every file)")
     bench.add_argument("--out", required=True, type=Path, metavar="REPORT_DIR", help="report folder")
-    bench.add_argument("--protocols", default="cv", help=f"comma-separated, from {','.join(PROTOCOLS)} (default: cv)")
+    bench.add_argument("--protocols", default="cv", help=f"comma-separated, from {','.join(PROTOCOLS)}")
     bench.add_argument(
         "--model",
         default="compact",
-        help="'compact' (new CPU-sized model, default), 'scbert-panglao' (published weights) or a saved model",
+        help="where fine-tuning starts: 'compact' (a new CPU-sized model; runs offline on a laptop CPU), "
+        "'scbert-panglao' (the published weights: a download, a GPU advisable) or a saved model's folder",
     )
     bench.add_argument(
         "--baselines",
         default="l1_logistic,celltypist",
         help="comma-separated, from l1_logistic,celltypist ('none' for none; celltypist is skipped when not installed)",
     )
-    bench.add_argument("--n-splits", type=int, default=5, help="folds of the stratified split (default: 5)")
+    bench.add_argument("--n-splits", type=int, default=5, help="folds of the stratified split")
     bench.add_argument(
         "--folds", help="comma-separated folds to run (default: all for cv, the first for size, novel and imbalance)"
     )
@@ -73,15 +76,15 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         "--false-unknown-rate",
         type=float,
         default=0.05,
-        help="novel: share of validation cells the chosen thresholds call 'unknown' (default: 0.05)",
+        help="novel: share of validation cells the chosen thresholds call 'unknown'",
     )
     bench.add_argument(
         "--types",
         action="append",
         metavar="TYPE",
-        help="imbalance: types in design order large, small, ... (repeatable)",
+        help="imbalance: types in design order large, small, ... (repeatable; default: the four most abundant)",
     )
-    bench.add_argument("--ratio", type=float, default=100, help="imbalance: large-to-small ratio (default: 100)")
+    bench.add_argument("--ratio", type=float, default=100, help="imbalance: large-to-small ratio")
     bench.add_argument(
         "--reference",
         action="append",
@@ -95,12 +98,20 @@ def add_benchmark_parser(sub: Any) -> argparse.ArgumentParser:
         help="transfer: score at a shared label level: a JSON file mapping labels to shared labels (null: leave "
         "those cells out), or an obs column holding every cell's shared label",
     )
-    bench.add_argument("--epochs", type=int, help="maximum fine-tuning epochs (default: finetune's)")
-    bench.add_argument("--patience", type=int, help="epochs without validation improvement (default: finetune's)")
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--lr", type=float, help="peak learning rate (default: finetune's)")
+    bench.add_argument(
+        "--epochs", type=int, help="maximum fine-tuning epochs (default: 8 for a new model, 20 from trained weights)"
+    )
+    bench.add_argument(
+        "--patience",
+        type=int,
+        help="epochs without validation improvement (default: 3 for a new model, 5 from trained weights)",
+    )
+    bench.add_argument("--batch-size", type=int, default=32, help="cells per training step")
+    bench.add_argument(
+        "--lr", type=float, help="peak learning rate (default: 0.001 for a new model, 0.0001 from trained weights)"
+    )
     bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=int, default=0, help="seed of the folds and of the training")
     bench.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty REPORT_DIR")
     return bench
 
@@ -154,6 +165,7 @@ def _versions() -> dict[str, str]:
 
 def _markdown(frame: pd.DataFrame, digits: int = 3) -> str:
     """A GitHub-flavoured markdown table."""
+    import numpy as np
 
     def cell(v: Any) -> str:
         if isinstance(v, float | np.floating):
@@ -167,6 +179,8 @@ def _markdown(frame: pd.DataFrame, digits: int = 3) -> str:
 
 def _mean_sd(frame: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFrame:
     """``mean ± sd`` strings per group (sd over folds; blank sd with one fold)."""
+    import numpy as np
+
     groups = frame.groupby(by, sort=False)[metrics]
     mean, sd = groups.mean(), groups.std()
     out = mean.copy().astype(object)
@@ -195,6 +209,7 @@ def _save(ax: Any, path: Path) -> None:
 def run_benchmark_command(args: argparse.Namespace) -> int:
     """Run the protocols of ``scbert benchmark`` and write the report; returns the exit status."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     from . import pl, tl
@@ -393,6 +408,8 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
 
 
 def _json(value: Any) -> Any:
+    import numpy as np
+
     if isinstance(value, np.integer):
         return int(value)
     if isinstance(value, np.floating):

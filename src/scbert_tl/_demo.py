@@ -98,21 +98,24 @@ def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0
 
 
 def _figure(query: Any, palette: dict[str, str], path: Path) -> None:
-    """UMAP of the embedding coloured by true type and by prediction (one legend), and the confusion matrix."""
+    """UMAP of the embedding coloured by true type and by prediction (one legend), and the confusion matrix.
+
+    The two rows are subfigures with layouts of their own, so that the matrix's long row labels do not
+    squeeze the UMAPs, and the colour bar sits beside the matrix rather than under the legend.
+    """
     import matplotlib.pyplot as plt
     import scanpy as sc
 
     from . import pl
 
-    fig, axes = plt.subplot_mosaic(
-        [["truth", "prediction"], ["confusion", "confusion"]],
-        figsize=(10.5, 12),
-        height_ratios=[1, 1.1],
-        layout="constrained",
-    )
+    fig = plt.figure(figsize=(11, 11), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.25])
+    umaps = top.subplots(1, 2)
     kwargs = {"show": False, "palette": palette, "size": 40, "frameon": False}
-    sc.pl.umap(query, color="bulk_labels", ax=axes["truth"], title="true type", legend_loc="none", **kwargs)
-    sc.pl.umap(query, color="scbert", ax=axes["prediction"], title="scBERT prediction", **kwargs)
-    pl.confusion(query, truth="bulk_labels", prediction="scbert", ax=axes["confusion"], show=False)
+    sc.pl.umap(query, color="bulk_labels", ax=umaps[0], title="true type", legend_loc="none", **kwargs)
+    sc.pl.umap(query, color="scbert", ax=umaps[1], title="scBERT prediction", **kwargs)
+    matrix = bottom.subplots()
+    pl.confusion(query, truth="bulk_labels", prediction="scbert", ax=matrix, show=False)
+    matrix.set_title("test cells: true against predicted type")
     fig.savefig(path, dpi=100)
     plt.close(fig)

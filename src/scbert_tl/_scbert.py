@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from ._files import as_umask_allows
 from ._paths import check_model_target, is_hdf5
 from ._version import __version__
 from .datasets._registry import file_sha256
@@ -372,6 +373,8 @@ class ScBERT:
         # checksum, so that an interruption between the two leaves a model that load() refuses, never a
         # silently wrong one.
         work = path if replacing else Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=_mkparent(path)))
+        if not replacing:
+            as_umask_allows(work, folder=True)  # mkdtemp's folder is private (0o700)
         tmp_weights, tmp_config = work / f".model.pt.{os.getpid()}.tmp", work / f".config.json.{os.getpid()}.tmp"
         try:
             torch.save(state, tmp_weights)

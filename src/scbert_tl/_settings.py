@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch  # imported when first needed, so that `import scbert_tl` and `scbert --help` stay light
 
 _PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _LEVELS = {0: logging.ERROR, 1: logging.WARNING, 2: logging.INFO, 3: logging.DEBUG}
@@ -48,6 +50,8 @@ class ScBERTSettings:
     def device(self, value: str | torch.device) -> None:
         value = str(value)
         if value != "auto":
+            import torch
+
             try:
                 torch.device(value)
             except RuntimeError as e:
@@ -56,6 +60,8 @@ class ScBERTSettings:
 
     def resolve_device(self, device: str | torch.device | None = None) -> torch.device:
         """Turn ``device`` (or the setting when None) into a concrete :class:`torch.device`."""
+        import torch
+
         device = self._device if device is None else str(device)
         if device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,6 +87,8 @@ class ScBERTSettings:
 
     def resolve_dtype(self, device: torch.device, precision: str | None = None) -> torch.dtype:
         """The autocast dtype for ``device`` (float32 means no autocast)."""
+        import torch
+
         precision = self._precision if precision is None else precision
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}.")
@@ -133,7 +141,7 @@ class ScBERTSettings:
 
     @property
     def onednn(self) -> bool:
-        """Whether float32 CPU products may use oneDNN with packed weights (default: on; ``SCBERT_ONEDNN=0`` turns it off).
+        """Whether float32 CPU products may use oneDNN with packed weights (on by default; ``SCBERT_ONEDNN=0`` turns it off).
 
         It is still only used where it is present and agrees with :func:`torch.nn.functional.linear`.
         """

@@ -9,6 +9,7 @@ itself (that is :mod:`scbert_tl.pp`) and holds no network code (that is :mod:`sc
 
 from ._h5ad import FileMatrix, H5adFile, H5adSource
 from ._inputs import gene_ids, in_memory, matrix, matrix_key, rows
+from ._labels import class_order
 from ._record import (
     bins_record,
     bins_stale,
@@ -38,6 +39,7 @@ __all__ = [
     "bins_record",
     "bins_stale",
     "check_col_map",
+    "class_order",
     "find_bins",
     "gene_ids",
     "in_memory",

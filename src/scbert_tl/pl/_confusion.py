@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..data import UNKNOWN
+from ..data import UNKNOWN, class_order
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 
 def _order(column: pd.Series, present: set[str]) -> list[str]:
-    """The types of an obs column that occur, in its category order (sorted when it is not categorical)."""
-    names = [str(c) for c in column.cat.categories] if hasattr(column, "cat") else sorted(present)
+    """The types of an obs column that occur, in its category order (else in :func:`class_order`'s)."""
+    names = [str(c) for c in column.cat.categories] if hasattr(column, "cat") else class_order(list(present))
     return [n for n in dict.fromkeys(names) if n in present]
 
 

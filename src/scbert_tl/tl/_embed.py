@@ -82,7 +82,7 @@ def embed(
     Returns
     -------
     ``None``, or the copy with ``copy=True``. Writes ``adata.obsm[key_added]`` (cells x model width,
-    float32) and ``adata.uns[key_added]`` (the parameters).
+    float32) and nothing else (the bins of :func:`scbert_tl.pp.bin` when they were missing).
     """
     check_compute(device, precision, batch_size)  # before anything is written
     if copy:
@@ -98,11 +98,4 @@ def embed(
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)
     adata.obsm[key_added] = emb.astype(np.float32)
-    adata.uns[key_added] = {
-        "params": {
-            "model": str(m.provenance.get("source", "")),
-            "representation": representation,
-            "dim": int(emb.shape[1]),
-        }
-    }
     return adata if copy else None

@@ -303,7 +303,7 @@ def labelled(
 
     ``baseline_input=False``: leave the expression to the caller.
     """
-    from ..data import input_params
+    from ..data import class_order, input_params
     from ._finetune import check_labels_present
 
     if label_key not in adata.obs:
@@ -318,7 +318,7 @@ def labelled(
         if key in finetune_kwargs:
             raise ValueError(f"finetune_kwargs may not set {key!r}: it is an argument of the protocol itself.")
     baselines = resolve_baselines(baselines)
-    data = Labelled(adata, label_key, labels, sorted(set(labels)), finetune_kwargs, baselines)
+    data = Labelled(adata, label_key, labels, class_order(labels), finetune_kwargs, baselines)
     if baselines and baseline_input:
         params = input_params(adata, **{k: finetune_kwargs.get(k) for k in INPUT_KEYS if k in finetune_kwargs})
         data.lognorm = log_normalised(adata, **params)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import UNKNOWN, input_params
+from ..data import UNKNOWN, class_order, input_params
 from ..train._calibration import calibrate
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
@@ -57,11 +57,7 @@ def _labels(adata: AnnData, label_key: str) -> tuple[np.ndarray, list[str]]:
         raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")
     col = adata.obs[label_key]
     check_labels_present(col, label_key)
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        present = set(col.astype(str))
-        classes = [str(c) for c in col.cat.categories if str(c) in present]
-    else:
-        classes = sorted(set(col.astype(str)))
+    classes = class_order(col)
     if UNKNOWN in classes:
         raise ValueError(f"The label {UNKNOWN!r} is reserved for cells of no known type; rename that class.")
     if len(classes) < 2:
@@ -115,7 +111,7 @@ def finetune(
     adata: AnnData,
     label_key: str,
     *,
-    model: str | os.PathLike | ScBERT = "scbert-panglao",
+    model: str | os.PathLike | ScBERT = "compact",
     validation: float | str | Sequence[str] = 0.1,
     epochs: int | None = None,
     batch_size: int = 32,
@@ -154,10 +150,12 @@ def finetune(
     label_key
         Column of ``adata.obs`` with the cell types.
     model
-        Where to start: ``"scbert-panglao"`` (the published pretrained weights, full configuration),
-        ``"compact"`` (a new CPU-sized model over at most 2,000 highly variable panel genes of
-        ``adata``, trained from scratch), an :class:`~scbert_tl.ScBERT` (copied, not changed), or
-        the path of a saved model.
+        Where to start. ``"compact"`` (the default, as in ``scbert finetune``): a new CPU-sized model over
+        at most 2,000 highly variable panel genes of ``adata``, trained from scratch; it runs offline on a
+        laptop CPU (it needs only the gene panel, a small cached asset). ``"scbert-panglao"``: the
+        published pretrained weights in the full configuration: a download and a GPU workload, so
+        chosen explicitly. Or an :class:`~scbert_tl.ScBERT` (copied, not changed), or the path
+        of a saved model.
     validation
         Fraction of cells held out (stratified by label), a boolean ``adata.obs`` column (True =
         validation), or a list of obs names.
@@ -188,7 +186,7 @@ def finetune(
         Gene masking: each training cell hides a share of its genes, drawn uniformly from
         ``[0, mask_genes]``, behind the ``[MASK]`` token, so that the model learns to read genes a
         query did not measure as unknown rather than as not expressed. A model trained with it feeds
-        its unmeasured genes as ``[MASK]`` (:attr:`~scbert_tl.ScBERT.unmeasured` becomes ``"mask"``);
+        its unmeasured genes as ``[MASK]`` (the model's ``unmeasured`` becomes ``"mask"``);
         the coverage is logged, as a warning below 90%. A third of the cells keep all genes, a third
         lose genes at random, a third lose the genes least often detected in the training cells
         (queries filtered to their most detected genes). Default: 1 for a new model; 0 (none: the

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
@@ -21,6 +20,7 @@ from ..train._stream import SAMPLE, derive_rng
 from ._data import as_items, item_name, source_for
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Iterator, Sequence
 
     import torch
@@ -387,71 +387,14 @@ def _record(result: Any, names: list[str]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show an option's default unless its help already names it or there is none."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if action.default is None or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-def add_pretrain_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``scbert pretrain`` on an :mod:`argparse` sub-command set; the handler is :func:`run_pretrain_command`.
-
-    The parser's defaults carry ``func=run_pretrain_command``, which returns the exit status.
-    """
-    p = subparsers.add_parser(
-        "pretrain",
-        help="pretrain scBERT by masked expression modelling on .h5ad files",
-        description=(
-            "Pretrain scBERT by masked expression modelling on one or more .h5ad files (streamed in chunks; "
-            "files without bins for the model are binned on the fly). Under torchrun every process trains on "
-            "its own shard: torchrun --nproc_per_node 4 -m scbert_tl pretrain data/*.h5ad -o model"
-        ),
-        formatter_class=_DefaultsHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="+", metavar="H5AD", help=".h5ad files (one corpus)")
-    p.add_argument("-o", "--output", required=True, help="directory to save the pretrained model in")
-    p.add_argument(
-        "-m", "--model", default="compact", help="'compact', a registry name (scbert-panglao), or a saved model path"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model at --output")
-    g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=1, help="passes over the training cells")
-    g.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=None, help="cells per micro-batch per process (default: auto)")
-    g.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 new, 1e-4 continued)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup", type=float, default=0.05, help="warm-up steps, or a fraction (< 1) of the run")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warm-up")
-    g.add_argument("--redraw-every", type=int, default=1000, help="steps between FAVOR+ projection redraws (0: fixed)")
-    g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--validation-size", type=float, default=None, help="held-out cells: fraction < 1 or a count")
-    g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: each epoch)")
-    g.add_argument("--checkpoint-dir", default=None, help="folder of the run's checkpoint")
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue the run in --checkpoint-dir")
-    g.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
-    g = p.add_argument_group("data and compute")
-    g.add_argument("--chunk-size", type=int, default=2048, help="cells read at a time")
-    g.add_argument("--shuffle-buffer", type=int, default=4, help="chunks shuffled together")
-    g.add_argument("--n-genes", type=int, default=2000, help="genes of a new compact model")
-    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
-    g.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: settings)")
-    g.add_argument("--precision", default=None, choices=["auto", "float32", "bfloat16", "float16"], help="autocast")
-    g.add_argument("--seed", type=int, default=0, help="random state")
-    p.set_defaults(func=run_pretrain_command)
-    return p
-
-
 def run_pretrain_command(args: argparse.Namespace) -> int:
-    """Run ``scbert pretrain`` from parsed arguments; returns the exit status (errors are printed, not raised)."""
+    """Run ``scbert pretrain`` from parsed arguments (the parser is in ``scbert_tl._cli``); returns the exit status.
+
+    Errors are printed, not raised.
+    """
     from .._paths import check_model_target
 
-    output = Path(args.output).expanduser()
+    output = Path(args.out).expanduser()
     try:
         check_model_target(output, overwrite=args.overwrite)  # before the work, not after it
         vs = args.validation_size

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data import class_order
 from ._evaluate import INPUT_KEYS, base_params, gene_ids, labelled, log_normalised, predict, score_row, store, summarise
 
 if TYPE_CHECKING:
@@ -325,8 +326,8 @@ def _setting(parts: list[AnnData], names: list[str], train_names: list[str], hel
     own_level = len(train_parts) == 1
     mapping = _to_shared(ref.obs[label_key].to_numpy(), ref.obs[SHARED].to_numpy(), held_out) if own_level else {}
     truth = query.obs[SHARED].to_numpy(dtype=str)
-    train_shared = sorted(set(ref.obs[SHARED]))
-    query_types = sorted(set(truth))
+    train_shared = class_order(ref.obs[SHARED].astype(str).to_numpy())
+    query_types = class_order(truth)
     scored = [t for t in train_shared if t in query_types]
     unseen = int((~np.isin(truth, train_shared)).sum())
     unmatched = [t for t in train_shared if t not in query_types]
@@ -342,7 +343,7 @@ def _setting(parts: list[AnnData], names: list[str], train_names: list[str], hel
         "n_genes": int(genes.size),
         "labels": "own" if own_level else "shared",
         "unmatched": unmatched,
-        "unseen": sorted(set(query_types) - set(train_shared)),
+        "unseen": [t for t in query_types if t not in train_shared],
         "label_map": {k: v for k, v in mapping.items() if v != k},
     }
     logger.info(

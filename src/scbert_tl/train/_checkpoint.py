@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .._files import as_umask_allows
+
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "scbert-tl-pretrain-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -45,6 +47,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        as_umask_allows(tmp, folder=False)  # mkstemp's file is private (0o600)
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
