@@ -425,8 +425,8 @@ def test_core_rejects_mismatched_panel():
 
 # ---------------------------------------------------------------------------------------------- command line
 def test_cli(files, tmp_path, capsys):
-    from scbert_tl._cli import _parser
-    from scbert_tl.tl._pretrain import run_pretrain_command
+    from scbert_tl._cli import build_parser as _parser
+    from scbert_tl._cli.pretrain import run as run_pretrain_command
 
     paths, _ = files
     with pytest.raises(SystemExit) as e:

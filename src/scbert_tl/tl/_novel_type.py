@@ -107,24 +107,9 @@ def novel_type_detection(
     the score, novel against known test cells) and ``ece``), ``"novel_as"`` (what the novel cells
     were predicted as without a threshold: method, left_out, fold, predicted, n) and ``"params"``.
     """
-    thresholds = sorted({float(t) for t in thresholds})
-    if not thresholds or thresholds[0] < 0 or thresholds[-1] > 1:
-        raise ValueError(f"thresholds must be in [0, 1], got {thresholds}.")
-    if isinstance(false_unknown_rate, bool) or not 0 < false_unknown_rate < 1:
-        raise ValueError(f"false_unknown_rate must be between 0 and 1, got {false_unknown_rate!r}.")
-    if isinstance(validation, bool) or not 0 < validation < 1:
-        raise ValueError(
-            f"validation must be a fraction in (0, 1): the thresholds are chosen on those cells; got {validation!r}."
-        )
+    thresholds = _check_args(thresholds, false_unknown_rate, validation)
     data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
-    if len(data.classes) < 3:
-        raise ValueError(f"Novel-type detection needs at least three types (two stay known); got {data.classes}.")
-    if leave_out is None:
-        leave_out = list(data.classes)
-    leave_out = [leave_out] if isinstance(leave_out, str) else [str(t) for t in leave_out]
-    missing = [t for t in leave_out if t not in data.classes]
-    if missing:
-        raise KeyError(f"leave_out types {missing} are not in adata.obs[{label_key!r}]; it has {data.classes}.")
+    leave_out = _leave_out(leave_out, data.classes, label_key)
     rows: list[dict[str, Any]] = []
     chosen: list[dict[str, Any]] = []
     novel_as: list[dict[str, Any]] = []
@@ -175,6 +160,33 @@ def novel_type_detection(
     )
     store(adata, key_added, frame, params, chosen=pd.DataFrame(chosen), novel_as=pd.DataFrame(novel_as))
     return frame
+
+
+def _check_args(thresholds: Sequence[float], false_unknown_rate: float, validation: float) -> list[float]:
+    """The thresholds, sorted; errors for values out of range."""
+    thresholds = sorted({float(t) for t in thresholds})
+    if not thresholds or thresholds[0] < 0 or thresholds[-1] > 1:
+        raise ValueError(f"thresholds must be in [0, 1], got {thresholds}.")
+    if isinstance(false_unknown_rate, bool) or not 0 < false_unknown_rate < 1:
+        raise ValueError(f"false_unknown_rate must be between 0 and 1, got {false_unknown_rate!r}.")
+    if isinstance(validation, bool) or not 0 < validation < 1:
+        raise ValueError(
+            f"validation must be a fraction in (0, 1): the thresholds are chosen on those cells; got {validation!r}."
+        )
+    return thresholds
+
+
+def _leave_out(leave_out: str | Sequence[str] | None, classes: list[str], label_key: str) -> list[str]:
+    """The types to leave out in turn (default: each), checked against the data's types."""
+    if len(classes) < 3:
+        raise ValueError(f"Novel-type detection needs at least three types (two stay known); got {classes}.")
+    if leave_out is None:
+        leave_out = list(classes)
+    leave_out = [leave_out] if isinstance(leave_out, str) else [str(t) for t in leave_out]
+    missing = [t for t in leave_out if t not in classes]
+    if missing:
+        raise KeyError(f"leave_out types {missing} are not in adata.obs[{label_key!r}]; it has {classes}.")
+    return leave_out
 
 
 def _method_rows(

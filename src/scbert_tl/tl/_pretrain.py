@@ -6,7 +6,6 @@ import contextlib
 import copy
 import logging
 import os
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,6 @@ from ..train._stream import SAMPLE, derive_rng
 from ._data import as_items, item_name, source_for
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Iterator, Sequence
 
     import torch
@@ -384,61 +382,3 @@ def _record(result: Any, names: list[str]) -> dict[str, Any]:
         else None,
         "recorded": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def run_pretrain_command(args: argparse.Namespace) -> int:
-    """Run ``scbert pretrain`` from parsed arguments (the parser is in ``scbert_tl._cli``); returns the exit status.
-
-    Errors are printed, not raised.
-    """
-    from .._paths import check_model_target
-
-    output = Path(args.out).expanduser()
-    try:
-        check_model_target(output, overwrite=args.overwrite)  # before the work, not after it
-        vs = args.validation_size
-        if vs is not None and vs >= 1:
-            if vs != int(vs):
-                raise ValueError(f"--validation-size {vs}: a count of cells must be a whole number.")
-            vs = int(vs)
-        warmup = int(args.warmup) if args.warmup >= 1 else args.warmup
-        model = pretrain(
-            list(args.inputs),
-            model=args.model,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            accumulate=args.accumulate,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup=warmup,
-            schedule=args.schedule,
-            redraw_every=args.redraw_every or None,
-            validation_size=vs,
-            eval_every=args.eval_every,
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            stop_after=args.stop_after,
-            chunk_size=args.chunk_size,
-            shuffle_buffer=args.shuffle_buffer,
-            gradient_checkpointing=args.gradient_checkpointing,
-            n_genes=args.n_genes,
-            device=args.device,
-            precision=args.precision,
-            random_state=args.seed,
-        )
-        if int(os.environ.get("RANK", "0") or 0) == 0:
-            model.save(output, overwrite=args.overwrite)
-            final = model.provenance["pretraining"][-1]["final"]
-            if final:
-                print(
-                    f"held-out masked accuracy {final['val_accuracy']:.4f} (baseline {final['baseline_accuracy']:.4f}), "
-                    f"loss {final['val_loss']:.4f} (baseline {final['baseline_loss']:.4f})"
-                )
-            print(f"saved {model!r} to {output}")
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:
-        print(f"scbert pretrain: error: {e}", file=sys.stderr)
-        return 1
-    return 0
