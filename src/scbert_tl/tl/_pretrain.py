@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
     from anndata import AnnData
 
-    from ..train._step import Schedule
+    from ..train._plan import Schedule
 
 logger = logging.getLogger(__name__)
 

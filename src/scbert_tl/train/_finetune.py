@@ -18,6 +18,7 @@ from .._metrics import macro_f1
 from .._settings import settings
 from ._augment import detection_rank, gene_mask
 from ._inference import autocast, batch_indices, run_batches
+from ._plan import TrainingPlan
 from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
@@ -122,30 +123,30 @@ def class_weights(
     return torch.tensor(w, dtype=torch.float32, device=device)
 
 
-def _optimizer(
-    network: ScBERTNetwork, o: FinetuneOptions, n_train: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def _plan(
+    network: ScBERTNetwork, o: FinetuneOptions, n_train: int, device: torch.device, dtype: torch.dtype
+) -> TrainingPlan:
     """AdamW over the trainable parameters, with linear warm-up then cosine decay to 0 over the run."""
     params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     steps_per_epoch = math.ceil(n_train / (o.batch_size * o.accumulate))
     total = steps_per_epoch * o.epochs
-    warmup = max(1, int(o.warmup * total))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return TrainingPlan(
+        params,
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        total_steps=total,
+        warmup_steps=max(1, int(o.warmup * total)),
+        device=device,
+        dtype=dtype,
+        loss_scaling=False,
+    )
 
 
 @dataclass
 class _Epochs:
     """What one epoch of fine-tuning needs besides the network and the data (built once per run)."""
 
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    plan: TrainingPlan
     loss_fn: nn.Module
     weight: torch.Tensor | None
     rng: np.random.Generator
@@ -169,7 +170,7 @@ def _train_epoch(
     seen, loss_sum = 0, 0.0
     step_rows = o.batch_size * o.accumulate
     for group in batch_indices(train_rows, step_rows, shuffle=True, rng=e.rng):
-        e.optimizer.zero_grad(set_to_none=True)
+        e.plan.zero_grad()
         # drawn for the whole step, so that accumulation does not change which genes are hidden
         hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, e.augment, e.rank)
         for start in range(0, len(group), o.batch_size):
@@ -184,11 +185,11 @@ def _train_epoch(
             loss = e.loss_fn(logits.float(), y)
             # a weighted sum divided by the step's total weight: one big batch, however it is split
             denom = e.weight[e.labels[group].to(device)].sum() if e.weight is not None else float(len(group))
-            (loss / denom).backward()
+            e.plan.backward(loss / denom)
             loss_sum += float(loss.detach())
             seen += float(denom)
-        e.optimizer.step()
-        e.scheduler.step()
+        e.plan.step()
+        e.plan.scheduler.step()
     return loss_sum / max(seen, 1.0)
 
 
@@ -218,10 +219,9 @@ def fit_classifier(
     weight = class_weights(labels, train_rows, network.config.n_classes, o.class_weight, device)
     n_trainable = set_trainable(network, o.trainable)
     network.to(device)
-    optimizer, scheduler = _optimizer(network, o, len(train_rows))
+    plan = _plan(network, o, len(train_rows), device, dtype)
     e = _Epochs(
-        optimizer,
-        scheduler,
+        plan,
         nn.CrossEntropyLoss(weight=weight, reduction="sum"),
         weight,
         np.random.default_rng(o.seed),
@@ -245,7 +245,7 @@ def fit_classifier(
         for epoch in range(1, o.epochs + 1):
             t0 = time.perf_counter()
             train_loss = _train_epoch(network, tokens, train_rows, o, e, device=device, dtype=dtype)
-            record = {"stage": "finetune", "epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+            record = {"stage": "finetune", "epoch": epoch, "train_loss": train_loss, "lr": plan.lr}
             if len(val_rows):
                 val = evaluate(
                     network, tokens, labels, val_rows, batch_size=max(o.batch_size, 64), device=device, weight=weight

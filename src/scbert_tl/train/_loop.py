@@ -32,7 +32,8 @@ from ._checkpoint import (
 from ._distributed import DistContext, all_reduce, resolve_device
 from ._inference import auto_batch_size
 from ._mlm_eval import evaluate_masked, prepare_validation
-from ._step import PretrainResult, lr_factor, redraw_projections
+from ._plan import TrainingPlan
+from ._step import PretrainResult, redraw_projections
 from ._stream import HEAD, MASK, StreamPlan, derive_int, derive_rng
 
 if TYPE_CHECKING:
@@ -186,14 +187,17 @@ class _Pretrainer:
         self.old_ckpt = network.gradient_checkpointing
         network.gradient_checkpointing = bool(a["gradient_checkpointing"])
         trainable = [p for p in network.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            trainable, lr=a["lr"], weight_decay=a["weight_decay"], betas=tuple(a["betas"])
+        self.training = TrainingPlan(
+            trainable,
+            lr=a["lr"],
+            weight_decay=a["weight_decay"],
+            betas=tuple(a["betas"]),
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            schedule=a["schedule"],
+            device=self.dev,
+            dtype=self.dtype,
         )
-        total, warmup, schedule = self.total_steps, self.warmup_steps, a["schedule"]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, total=total, warmup=warmup, schedule=schedule)
-        )
-        self.scaler = torch.amp.GradScaler(self.dev.type, enabled=self.dtype == torch.float16)
 
     def _restore(self) -> None:
         """Position, history and optimiser state: a fresh run's, or the checkpoint's."""
@@ -205,10 +209,7 @@ class _Pretrainer:
         if state is not None:
             check_same_run(state["params"], self.params, self.ckpt_path)
             self.network.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+            self.training.load_state_dict(state)
             self.step, self.epoch = int(state["step"]), int(state["epoch"])
             self.step_in_epoch = int(state["step_in_epoch"])
             self.history, self.meta = list(state["history"]), dict(state.get("meta") or {})
@@ -314,8 +315,7 @@ class _Pretrainer:
                     self.network,
                     batches,
                     rng=derive_rng(self.seed, MASK, self.ctx.rank, self.step),
-                    optimizer=self.optimizer,
-                    scaler=self.scaler,
+                    plan=self.training,
                     max_grad_norm=a["max_grad_norm"],
                     mask_prob=a["mask_prob"],
                     replace_prob=a["replace_prob"],
@@ -330,7 +330,7 @@ class _Pretrainer:
 
     def _after_step(self, batches: list[sp.csr_matrix], loss_sum: float, n_pos: float) -> bool:
         """Schedule, counters, redraws, evaluation, checkpoint and bar after a step; True at the end of an epoch."""
-        self.scheduler.step()
+        self.training.scheduler.step()
         self.step += 1
         self.step_in_epoch += 1
         cells = sum(b.shape[0] for b in batches)
@@ -377,9 +377,7 @@ class _Pretrainer:
                 "version": CHECKPOINT_VERSION,
                 "model": {k: v.detach().cpu() for k, v in self.network.state_dict().items()},
                 "config": self.network.config.to_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+                **self.training.state_dict(),
                 "step": self.step,
                 "cells_seen": self.cells_seen,
                 "epoch": self.epoch,
@@ -402,7 +400,7 @@ class _Pretrainer:
             "step": self.step,
             "epoch": self.epoch + self.step_in_epoch / self.steps_per_epoch,
             "train_loss": train_loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.training.lr,
             "cells_seen": self.cells_seen,
         }
         if self.validation is not None:

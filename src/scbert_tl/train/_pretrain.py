@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
     from ..data import TokenSource
     from ..model import ScBERTNetwork
-    from ._step import PretrainResult, Schedule
+    from ._plan import Schedule
+    from ._step import PretrainResult
 
 
 # ---------------------------------------------------------------------------------------------- the loop

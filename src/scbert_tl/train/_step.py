@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,8 +21,7 @@ if TYPE_CHECKING:
     import scipy.sparse as sp
 
     from ..model import ScBERTNetwork
-
-Schedule = Literal["cosine", "linear", "constant"]
+    from ._plan import TrainingPlan
 
 
 class MaskedLM(nn.Module):
@@ -35,19 +33,6 @@ class MaskedLM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.network.mlm_logits(tokens)
-
-
-# ---------------------------------------------------------------------------------------------- schedule
-def lr_factor(step: int, *, total: int, warmup: int, schedule: Schedule) -> float:
-    """Learning-rate multiplier before optimiser step ``step`` (0-based): linear warm-up, then decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return 1.0 - progress
 
 
 def redraw_projections(network: ScBERTNetwork, seed: int, step: int) -> None:
@@ -85,8 +70,7 @@ def train_step(
     batches: list[sp.csr_matrix],
     *,
     rng: np.random.Generator,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
+    plan: TrainingPlan,
     max_grad_norm: float | None,
     mask_prob: float,
     replace_prob: float,
@@ -120,12 +104,9 @@ def train_step(
             with autocast(device, dtype):
                 logits = model(x)[:, :-1]
             loss = F.cross_entropy(logits[pick].float(), target, reduction="sum")
-            scaler.scale(loss * scale).backward()
+            plan.backward(loss * scale)
         loss_total += loss.item()
-    if max_grad_norm is not None:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_([p for p in network.parameters() if p.grad is not None], max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    clip = [p for p in network.parameters() if p.grad is not None] if max_grad_norm is not None else None
+    plan.step(clip, max_grad_norm)
+    plan.zero_grad()
     return loss_total, n_local
