@@ -477,3 +477,17 @@ def test_compact_model_on_pbmc3k(pbmc3k):
     assert "scbert_bins" in a.layers  # binned in place for the model's panel
     assert a.uns["scbert"]["panel_checksum"] == panel_checksum(model.genes)
     assert model.history[-1]["val_masked"] > 0
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    from scbert_tl.train._plan import parameter_groups
+
+    net = _tiny_model().network
+    decayed, plain = parameter_groups(net, 0.01)
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert decayed["params"] and all(p.ndim == 2 for p in decayed["params"])
+    undecayed = {id(p) for p in plain["params"]}
+    for p in (net.token_emb.weight, net.gene_emb.weight, net.norm.weight, net.norm.bias):
+        assert id(p) in undecayed or not p.requires_grad
+    assert len(decayed["params"]) + len(plain["params"]) == sum(p.requires_grad for p in net.parameters())
+    assert len(parameter_groups(net, 0.0)) == 1  # nothing to split without decay (old checkpoints resume)

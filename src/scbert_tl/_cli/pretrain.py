@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="cells per micro-batch per process (default: sized to the device)")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--lr", type=float, help="peak learning rate (default: 0.001 for a new model, 0.0001 continued)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (weight matrices only)")
     g.add_argument("--warmup", type=float, default=0.05, help="warm-up steps, or a fraction (< 1) of the run")
     g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine", help="decay after warm-up")
     g.add_argument("--redraw-every", type=int, default=1000, help="steps between FAVOR+ projection redraws (0: fixed)")

@@ -168,7 +168,7 @@ def finetune(
         Peak learning rate (AdamW, linear warm-up, cosine decay). Default 1e-3 for a new model,
         1e-4 when starting from trained weights.
     weight_decay
-        AdamW weight decay.
+        AdamW weight decay of the weight matrices (norms, biases and embeddings are not decayed).
     accumulate
         Micro-batches per optimiser step (the update equals one batch of ``batch_size * accumulate``).
     patience

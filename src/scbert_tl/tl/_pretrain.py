@@ -257,7 +257,7 @@ def pretrain(
     lr
         Peak learning rate of AdamW; default 1e-3 for a new model, 1e-4 when continuing one.
     weight_decay
-        AdamW weight decay.
+        AdamW weight decay of the weight matrices (norms, biases and embeddings are not decayed).
     warmup
         Linear warm-up: steps, or a fraction (< 1) of the run.
     schedule

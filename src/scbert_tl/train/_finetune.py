@@ -18,7 +18,7 @@ from .._metrics import macro_f1
 from .._settings import settings
 from ._augment import detection_rank, gene_mask
 from ._inference import autocast, batch_indices, run_batches
-from ._plan import TrainingPlan
+from ._plan import TrainingPlan, parameter_groups
 from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
@@ -126,12 +126,11 @@ def class_weights(
 def _plan(
     network: ScBERTNetwork, o: FinetuneOptions, n_train: int, device: torch.device, dtype: torch.dtype
 ) -> TrainingPlan:
-    """AdamW over the trainable parameters, with linear warm-up then cosine decay to 0 over the run."""
-    params = [p for p in network.parameters() if p.requires_grad]
+    """AdamW over the trainable parameters (no decay on norms, biases, embeddings), warm-up then cosine decay to 0."""
     steps_per_epoch = math.ceil(n_train / (o.batch_size * o.accumulate))
     total = steps_per_epoch * o.epochs
     return TrainingPlan(
-        params,
+        parameter_groups(network, o.weight_decay),
         lr=o.lr,
         weight_decay=o.weight_decay,
         total_steps=total,

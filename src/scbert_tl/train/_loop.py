@@ -32,7 +32,7 @@ from ._checkpoint import (
 from ._distributed import DistContext, all_reduce, resolve_device
 from ._inference import auto_batch_size
 from ._mlm_eval import evaluate_masked, prepare_validation
-from ._plan import TrainingPlan
+from ._plan import TrainingPlan, parameter_groups
 from ._step import PretrainResult, redraw_projections
 from ._stream import HEAD, MASK, StreamPlan, derive_int, derive_rng
 
@@ -186,9 +186,8 @@ class _Pretrainer:
                 p.requires_grad_(False)
         self.old_ckpt = network.gradient_checkpointing
         network.gradient_checkpointing = bool(a["gradient_checkpointing"])
-        trainable = [p for p in network.parameters() if p.requires_grad]
         self.training = TrainingPlan(
-            trainable,
+            parameter_groups(network, a["weight_decay"]),
             lr=a["lr"],
             weight_decay=a["weight_decay"],
             betas=tuple(a["betas"]),

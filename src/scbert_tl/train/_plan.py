@@ -25,6 +25,23 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: Schedule) -> floa
     return 1.0 - progress
 
 
+def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The trainable parameters in AdamW groups: weight decay on weight matrices only.
+
+    Norms, biases (parameters of fewer than two dimensions) and embedding tables are not decayed:
+    decay pulls a LayerNorm's scale and an embedding row towards 0, which is no regularisation
+    of the function the network computes. Without weight decay there is one group.
+    """
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [{"params": trainable, "weight_decay": 0.0}]
+    embeddings = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Embedding)}
+    plain = [p for p in trainable if p.ndim < 2 or id(p) in embeddings]
+    plain_ids = {id(p) for p in plain}
+    decayed = [p for p in trainable if id(p) not in plain_ids]
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
 class TrainingPlan:
     """AdamW over ``params``, warm-up then decay over ``total_steps`` (:func:`lr_factor`), and a gradient scaler.
 
@@ -82,7 +99,14 @@ class TrainingPlan:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`'s keys of a checkpoint."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # other parameter groups
+            raise RuntimeError(
+                f"The checkpoint's optimiser state does not fit this version's ({e}): it was written by an earlier "
+                "scbert-tl that applied weight decay to every parameter (one group; norms, biases and embeddings "
+                "are no longer decayed). Resume it with that version, or start a new run."
+            ) from e
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
