@@ -491,3 +491,12 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
         assert id(p) in undecayed or not p.requires_grad
     assert len(decayed["params"]) + len(plain["params"]) == sum(p.requires_grad for p in net.parameters())
     assert len(parameter_groups(net, 0.0)) == 1  # nothing to split without decay (old checkpoints resume)
+
+
+def test_one_warm_up_rule_for_both_loops():
+    from scbert_tl.train._plan import warmup_steps
+
+    assert warmup_steps(0.05, 528) == 26 and warmup_steps(0.05, 4) == 1  # a fraction: rounded, at least one step
+    assert warmup_steps(0, 100) == 0 and warmup_steps(0.0, 100) == 0 and warmup_steps(7, 100) == 7
+    with pytest.raises(ValueError, match="warmup"):
+        warmup_steps(-1, 10)

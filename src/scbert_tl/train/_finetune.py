@@ -18,7 +18,7 @@ from .._metrics import macro_f1
 from .._settings import settings
 from ._augment import detection_rank, gene_mask
 from ._inference import autocast, batch_indices, run_batches
-from ._plan import TrainingPlan, parameter_groups
+from ._plan import TrainingPlan, parameter_groups, warmup_steps
 from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def _plan(
         lr=o.lr,
         weight_decay=o.weight_decay,
         total_steps=total,
-        warmup_steps=max(1, int(o.warmup * total)),
+        warmup_steps=warmup_steps(o.warmup, total),
         device=device,
         dtype=dtype,
         loss_scaling=False,

@@ -32,7 +32,7 @@ from ._checkpoint import (
 from ._distributed import DistContext, all_reduce, resolve_device
 from ._inference import auto_batch_size
 from ._mlm_eval import evaluate_masked, prepare_validation
-from ._plan import TrainingPlan, parameter_groups
+from ._plan import TrainingPlan, parameter_groups, warmup_steps
 from ._step import PretrainResult, redraw_projections
 from ._stream import HEAD, MASK, StreamPlan, derive_int, derive_rng
 
@@ -125,12 +125,7 @@ class _Pretrainer:
         self.n_batches = self.plan.batches_per_epoch(self.batch_size)
         self.steps_per_epoch = math.ceil(self.n_batches / a["accumulate"])
         self.total_steps = a["max_steps"] if a["max_steps"] is not None else a["epochs"] * self.steps_per_epoch
-        warmup = a["warmup"]
-        self.warmup_steps = (
-            int(round(warmup * self.total_steps)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
-        )
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup must be >= 0, got {warmup}.")
+        self.warmup_steps = warmup_steps(a["warmup"], self.total_steps)
         self.redraw_every = int(a["redraw_every"] or 0)
         self.eval_every = self.steps_per_epoch if a["eval_every"] is None else a["eval_every"]
 

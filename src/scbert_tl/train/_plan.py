@@ -25,6 +25,14 @@ def lr_factor(step: int, *, total: int, warmup: int, schedule: Schedule) -> floa
     return 1.0 - progress
 
 
+def warmup_steps(warmup: float | int, total: int) -> int:
+    """Warm-up steps: a count, or a fraction (< 1) of ``total`` rounded, at least one step when there is any warm-up."""
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}.")
+    steps = int(round(warmup * total)) if isinstance(warmup, float) and warmup < 1 else int(warmup)
+    return max(1, steps) if warmup > 0 else 0
+
+
 def parameter_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """The trainable parameters in AdamW groups: weight decay on weight matrices only.
 
