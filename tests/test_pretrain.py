@@ -500,3 +500,13 @@ def test_one_warm_up_rule_for_both_loops():
     assert warmup_steps(0, 100) == 0 and warmup_steps(0.0, 100) == 0 and warmup_steps(7, 100) == 7
     with pytest.raises(ValueError, match="warmup"):
         warmup_steps(-1, 10)
+
+
+def test_fine_tuning_scales_float16_losses_like_pretraining():
+    from scbert_tl.train._finetune import FinetuneOptions, _plan
+
+    net = _tiny_model().network
+    cpu = torch.device("cpu")
+    assert _plan(net, FinetuneOptions(), 100, cpu, torch.float16).scaler.is_enabled()
+    assert not _plan(net, FinetuneOptions(), 100, cpu, torch.bfloat16).scaler.is_enabled()
+    assert not _plan(net, FinetuneOptions(), 100, cpu, torch.float32).scaler.is_enabled()

@@ -137,7 +137,6 @@ def _plan(
         warmup_steps=warmup_steps(o.warmup, total),
         device=device,
         dtype=dtype,
-        loss_scaling=False,
     )
 
 

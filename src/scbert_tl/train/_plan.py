@@ -69,13 +69,12 @@ class TrainingPlan:
         schedule: Schedule = "cosine",
         device: torch.device,
         dtype: torch.dtype,
-        loss_scaling: bool = True,
     ) -> None:
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total=total_steps, warmup=warmup_steps, schedule=schedule)
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling and dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     @property
     def lr(self) -> float:

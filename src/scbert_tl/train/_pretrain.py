@@ -1,6 +1,6 @@
 """Masked expression modelling: masking, the training loop (DDP, accumulation, checkpoints, resume), evaluation.
 
-No AnnData here: the loop reads :class:`~scbert_tl.train.TokenSource` objects through a
+No AnnData here: the loop reads :class:`~scbert_tl.data.TokenSource` objects through a
 :class:`~scbert_tl.train.StreamPlan`; :func:`scbert_tl.tl.pretrain` builds both from AnnData or files.
 
 Randomness. Every draw comes from a generator derived from ``random_state`` with
@@ -84,7 +84,7 @@ def pretrain_network(
         The network; it gets a fresh pretraining head if it has none. A classifier head is kept and
         left untouched (frozen for the run).
     sources
-        The corpus (see :class:`~scbert_tl.train.TokenSource`), in the network's panel order.
+        The corpus (see :class:`~scbert_tl.data.TokenSource`), in the network's panel order.
     epochs
         Passes over the training cells (ignored when ``max_steps`` is given).
     max_steps
