@@ -38,7 +38,7 @@ def tokens(n_cells: int, seed: int = 0) -> tuple[sp.csr_matrix, str]:
         import anndata as ad
 
         import scbert_tl as scbert
-        from scbert_tl.train._stream import to_panel_csr
+        from scbert_tl.data import to_panel_csr
 
         a = ad.read_h5ad(counts)[:n_cells].copy()
         scbert.pp.bin(a, panel=panel.read_text().split(), aliases=None)
@@ -53,9 +53,9 @@ def run(batch_size: int, steps: int, checkpointing: bool, device: str, threads: 
     import torch
 
     import scbert_tl as scbert
+    from scbert_tl.data import MemorySource
     from scbert_tl.model import ScBERTConfig, ScBERTNetwork
-    from scbert_tl.train import MemorySource, pretrain_network
-    from scbert_tl.train import _pretrain as core
+    from scbert_tl.train import _step, pretrain_network
 
     if threads:
         torch.set_num_threads(threads)
@@ -64,7 +64,7 @@ def run(batch_size: int, steps: int, checkpointing: bool, device: str, threads: 
     torch.manual_seed(0)
     net = ScBERTNetwork(ScBERTConfig())  # the full configuration
     times: list[float] = []
-    orig = core._train_step
+    orig = _step.train_step
 
     def timed(*args, **kwargs):
         if device.startswith("cuda"):
@@ -76,7 +76,7 @@ def run(batch_size: int, steps: int, checkpointing: bool, device: str, threads: 
         times.append(time.perf_counter() - t)
         return out
 
-    core._train_step = timed
+    _step.train_step = timed
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ def main() -> None:
     from sklearn.metrics import roc_auc_score
 
     import scbert_tl as scbert
-    from scbert_tl.pp._bin import tokens_for
+    from scbert_tl.tl._data import tokens_for
     from scbert_tl.tl._evaluate import fold_splits
     from scbert_tl.tl._finetune import stratified_split
     from scbert_tl.train import _calibration as cal

@@ -20,7 +20,7 @@ from scbert_tl.model import (
     attention_received,
     column_sums,
 )
-from scbert_tl.pp._bin import tokens_for
+from scbert_tl.tl._data import tokens_for
 
 SMALL = {"dim": 24, "depth": 2, "heads": 2, "dim_head": 8}
 
@@ -139,7 +139,7 @@ def test_attention_writes_documented_slots(pbmc, model, tmp_path):
         assert scores[g].iloc[0] == measured.max() and not top[g].str.startswith("ABSENT").any()
     # the group means are the means of the per-cell values (checked on one group against the network)
     rows = np.flatnonzero(adata.obs["cell_type"] == groups[0])
-    tokens = tokens_for(adata, model).tokens(rows)
+    tokens = torch.from_numpy(tokens_for(adata, model).dense(rows))
     per_cell = attention_received(model.network, tokens)[:, :-1]
     np.testing.assert_allclose(mean[groups[0]].to_numpy(), per_cell.mean(0).numpy(), rtol=1e-5)
     assert "scbert_attention" not in adata.obsm

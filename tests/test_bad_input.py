@@ -23,10 +23,11 @@ import scanpy as sc
 import scipy.sparse as sp
 
 import scbert_tl as scbert
-from scbert_tl import ScBERT
+from scbert_tl import ScBERT, data
 from scbert_tl._cli import main
 from scbert_tl.model import CheckpointError
-from scbert_tl.pp import _bin
+from scbert_tl.pp import _genes
+from scbert_tl.tl._data import tokens_for
 
 GENES = [f"GENE{i}" for i in range(300)]
 TINY = {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "n_features": 8}
@@ -175,7 +176,7 @@ def test_hgnc_is_tried_once_per_process_and_a_local_copy_can_be_set(rng, tmp_pat
         raise OSError("no network")
 
     monkeypatch.setattr(datasets, "hgnc_table", offline)
-    _bin._registry_nomenclature.cache_clear()
+    _genes._registry_nomenclature.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="scbert_tl"):
             for _ in range(3):
@@ -184,7 +185,7 @@ def test_hgnc_is_tried_once_per_process_and_a_local_copy_can_be_set(rng, tmp_pat
         assert caplog.text.count("HGNC nomenclature table could not be fetched") == 1
         assert "settings.hgnc_path" in caplog.text
     finally:
-        _bin._registry_nomenclature.cache_clear()
+        _genes._registry_nomenclature.cache_clear()
     table = tmp_path / "hgnc.tsv"
     table.write_text(
         "hgnc_id\tsymbol\tprev_symbol\talias_symbol\tensembl_gene_id\nHGNC:1\tGENE1\tOLDNAME\t\tENSG00000000001\n"
@@ -352,12 +353,12 @@ def test_changed_input_is_binned_again(rng, change, caplog):
     elif change == "subset_genes":
         adata = adata[:, 1:].copy()
     with caplog.at_level(logging.INFO, logger="scbert_tl"):
-        tokens = _bin.tokens_for(adata, model)
+        tokens = tokens_for(adata, model)
     assert "Binning adata for this model's panel" in caplog.text
     fresh = adata.copy()
     del fresh.uns["scbert"], fresh.layers["scbert_bins"]
     scbert.pp.bin(fresh, panel=model, layer=layer, aliases=None)
-    expected = _bin.tokens_for(fresh, model)
+    expected = tokens_for(fresh, model)
     assert (tokens.csr != expected.csr).nnz == 0
 
 
@@ -403,8 +404,8 @@ def test_unchanged_or_subset_cells_are_not_binned_again(rng, caplog):
     scbert.pp.bin(adata, panel=model, aliases=None)
     subset = adata[rng.permutation(adata.n_obs)[:50]].copy()  # cells subset and reordered: the bins still hold
     with caplog.at_level(logging.INFO, logger="scbert_tl"):
-        _bin.tokens_for(adata, model)
-        _bin.tokens_for(subset, model)
+        tokens_for(adata, model)
+        tokens_for(subset, model)
     assert "Binning adata" not in caplog.text
 
 
@@ -414,8 +415,8 @@ def test_the_fingerprint_reads_few_rows_of_a_backed_file(rng, tmp_path):
     adata.write_h5ad(tmp_path / "a.h5ad")
     backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
     fp = backed.uns["scbert"]["fingerprint"]
-    assert len(fp["rows"]) == _bin.FINGERPRINT_ROWS and fp["total"] is not None
-    assert _bin.input_unchanged(fp, backed.X, backed.obs_names)
+    assert len(fp["rows"]) == data._record.FINGERPRINT_ROWS and fp["total"] is not None
+    assert data._record.input_unchanged(fp, backed.X, backed.obs_names)
     backed.file.close()
 
 
@@ -471,7 +472,7 @@ def test_dask_array_with_sparse_chunks(rng):
     scbert.pp.bin(lazy, panel=GENES, aliases=None)
     scbert.pp.bin(adata, panel=GENES, aliases=None)
     assert (lazy.layers["scbert_bins"] != adata.layers["scbert_bins"]).nnz == 0
-    _bin.tokens_for(lazy, _model())  # the fingerprint reads dask rows too
+    tokens_for(lazy, _model())  # the fingerprint reads dask rows too
 
 
 # ------------------------------------------------------------------------------------------ shell

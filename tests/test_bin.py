@@ -10,7 +10,8 @@ import scanpy as sc
 import scipy.sparse as sp
 
 import scbert_tl as scbert
-from scbert_tl.pp._bin import detect_kind, tokens_for
+from scbert_tl.pp._kinds import detect_kind
+from scbert_tl.tl._data import tokens_for
 
 
 def _definition(counts: np.ndarray, n_bins: int = 5, total: np.ndarray | None = None) -> np.ndarray:
@@ -195,7 +196,7 @@ def test_panel_from_a_model(rng):
     adata = _adata(PANEL[::-1], rng)
     tokens = tokens_for(adata, model)  # bins on demand, in the model's gene order
     assert adata.uns["scbert"]["panel_size"] == len(PANEL)
-    dense = tokens.tokens(np.arange(adata.n_obs)).numpy()
+    dense = tokens.dense(np.arange(adata.n_obs))
     np.testing.assert_array_equal(dense, _definition(adata.X.toarray()[:, ::-1]))
     model.normalization = "panel"  # another normalisation: binned again
     tokens_for(adata, model)
@@ -209,17 +210,17 @@ def test_unmeasured_model_genes_are_zero_or_unknown_as_the_model_says(rng, caplo
     adata = ad.AnnData(sp.csr_matrix(counts.astype(np.float32)), var=pd.DataFrame(index=["LYZ", "CD3E", "NOT_A_GENE"]))
     rows = np.arange(adata.n_obs)
     with caplog.at_level("WARNING"):
-        zero = tokens_for(adata, model).tokens(rows).numpy()
+        zero = tokens_for(adata, model).dense(rows)
     assert "measures 2 of the model's 6 genes (33.3%)" in caplog.text and "not expressed (token 0)" in caplog.text
     assert model.unmeasured == "zero" and zero[:, [1, 2, 3, 5]].max() == 0 and zero[:, 4].min() > 0
     model.unmeasured = "mask"
     caplog.clear()
     tokens = tokens_for(adata, model)
-    masked = tokens.tokens(rows).numpy()
+    masked = tokens.dense(rows)
     assert "fed as unknown ([MASK])" in caplog.text and tokens.coverage == pytest.approx(2 / 6)
     np.testing.assert_array_equal(masked[:, [1, 2, 3, 5]], model.config.mask_token)
     np.testing.assert_array_equal(masked[:, [0, 4]], zero[:, [0, 4]])
-    np.testing.assert_array_equal(tokens_for(adata, model, unmeasured="zero").tokens(rows).numpy(), zero)
+    np.testing.assert_array_equal(tokens_for(adata, model, unmeasured="zero").dense(rows), zero)
     with pytest.raises(ValueError, match="unmeasured must be"):
         tokens_for(adata, model, unmeasured="nan")
 

@@ -159,7 +159,7 @@ def test_temperature_undoes_an_overconfident_classifier_on_held_out_cells(b_left
 
     import torch
 
-    from scbert_tl.pp._bin import tokens_for
+    from scbert_tl.tl._data import tokens_for
     from scbert_tl.tl._finetune import _labels
 
     model, ref, query = b_left_out

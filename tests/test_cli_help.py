@@ -17,11 +17,11 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
     return dict(action.choices)
 
 
-COMMANDS = sorted(_subparsers(_cli._parser()))
+COMMANDS = sorted(_subparsers(_cli.build_parser()))
 
 
 def test_every_command_is_listed_with_help():
-    parser = _cli._parser()
+    parser = _cli.build_parser()
     (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {a.dest: a.help for a in action._choices_actions}
     assert set(helps) == set(COMMANDS) == {"annotate", "benchmark", "demo", "finetune", "pretrain"}
@@ -30,10 +30,10 @@ def test_every_command_is_listed_with_help():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_option_has_help_and_no_meaningless_default(command, capsys):
-    parser = _subparsers(_cli._parser())[command]
+    parser = _subparsers(_cli.build_parser())[command]
     for action in parser._actions:
         if action.help == argparse.SUPPRESS:  # a hidden deprecated spelling
-            assert isinstance(action, _cli._DeprecatedAlias), action.option_strings
+            assert isinstance(action, _cli._common.DeprecatedAlias), action.option_strings
             continue
         assert action.help and action.help.strip(), (
             f"scbert {command}: {action.option_strings or action.dest} has no help"
@@ -52,7 +52,7 @@ def test_every_option_has_help_and_no_meaningless_default(command, capsys):
 
 
 def test_one_spelling_of_out():
-    for command, parser in _subparsers(_cli._parser()).items():
+    for command, parser in _subparsers(_cli.build_parser()).items():
         outs = [a for a in parser._actions if a.dest == "out" and a.help != argparse.SUPPRESS]
         assert len(outs) == 1 and "--out" in outs[0].option_strings, command
         assert not any("--output" in a.option_strings and a.help != argparse.SUPPRESS for a in parser._actions)
@@ -62,8 +62,8 @@ def test_finetune_starts_from_the_same_model_in_python_and_the_shell():
     import scbert_tl as scbert
 
     python = inspect.signature(scbert.tl.finetune).parameters["model"].default
-    shell = _subparsers(_cli._parser())["finetune"].get_default("model")
-    assert python == shell == _cli.DEFAULT_MODEL == "compact"
+    shell = _subparsers(_cli.build_parser())["finetune"].get_default("model")
+    assert python == shell == _cli._common.DEFAULT_MODEL == "compact"
     assert '``"compact"`` (the default, as in ``scbert finetune``)' in scbert.tl.finetune.__doc__
 
 
@@ -71,7 +71,7 @@ def test_help_states_the_finetuning_defaults():
     """The shell's help names the defaults the tool chooses for a new model and for trained weights."""
     from scbert_tl.tl._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE
 
-    parsers = _subparsers(_cli._parser())
+    parsers = _subparsers(_cli.build_parser())
     for command, keys in (("finetune", ("epochs", "lr")), ("benchmark", ("epochs", "lr", "patience"))):
         helps = {a.dest: a.help for a in parsers[command]._actions}
         for key in keys:

@@ -58,7 +58,7 @@ def umask():
 # ---------------------------------------------------------------------------------------------- permissions
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_saved_model_folders_are_as_readable_as_the_umask_allows(tmp_path, umask, mask):
-    from scbert_tl.train._pretrain import save_checkpoint
+    from scbert_tl.train._checkpoint import save_checkpoint
 
     umask(mask)
     path = _model().save(tmp_path / "shared" / "model")

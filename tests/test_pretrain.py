@@ -16,8 +16,8 @@ import torch
 
 import scbert_tl as scbert
 from scbert_tl import ScBERT
-from scbert_tl.train import H5adSource, MemorySource, StreamPlan, mask_tokens, mode_baseline, pretrain_network
-from scbert_tl.train import _pretrain as core
+from scbert_tl.data import H5adSource, MemorySource, panel_checksum
+from scbert_tl.train import StreamPlan, _step, load_checkpoint, mask_tokens, mode_baseline, pretrain_network
 
 N_GENES = 40
 GENES = [f"GENE{i}" for i in range(N_GENES)]
@@ -234,12 +234,13 @@ def test_pretrain_on_files_including_one_binned_on_the_fly(files, tmp_path):
         "raw.h5ad",
     ]
 
-    from scbert_tl.tl._pretrain import H5adFile, _source_for
+    from scbert_tl.data import H5adFile
+    from scbert_tl.tl._data import source_for
 
-    assert isinstance(_source_for(backed, model, "b", main=True), H5adSource)
+    assert isinstance(source_for(backed, model, "b", main=True), H5adSource)
     with pytest.raises(ValueError, match="view of a backed"):
-        _source_for(backed[:5], model, "b", main=True)
-    src = _source_for(tmp_path / "raw.h5ad", model, "raw.h5ad", main=True)
+        source_for(backed[:5], model, "b", main=True)
+    src = source_for(tmp_path / "raw.h5ad", model, "raw.h5ad", main=True)
     expected = raw.copy()
     scbert.pp.bin(expected, panel=model, aliases=None)
     assert np.array_equal(src.read(0, 30).toarray(), _panel_rows(expected))
@@ -286,7 +287,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert full.history[-1]["step"] == 15  # 80 cells / (8 x 2) = 5 steps per epoch
 
     calls = {"n": 0}
-    orig = core._train_step
+    orig = _step.train_step
 
     def dies_at_step_7(*args, **kwargs):
         calls["n"] += 1
@@ -294,11 +295,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return orig(*args, **kwargs)
 
-    monkeypatch.setattr(core, "_train_step", dies_at_step_7)
+    monkeypatch.setattr(_step, "train_step", dies_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         _run(a, tmp_path / "killed")
-    assert core.load_checkpoint(tmp_path / "killed")["step"] == 6  # the last checkpoint before the kill
-    monkeypatch.setattr(core, "_train_step", orig)
+    assert load_checkpoint(tmp_path / "killed")["step"] == 6  # the last checkpoint before the kill
+    monkeypatch.setattr(_step, "train_step", orig)
     resumed = _run(a, tmp_path / "killed", model=None, resume=True)
 
     for (k, v), (k2, v2) in zip(full.network.state_dict().items(), resumed.network.state_dict().items(), strict=True):
@@ -319,7 +320,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_checkpoint_guards(tmp_path):
     a = _binned(40, GENES, 12)
     _run(a, tmp_path, epochs=1)
-    ckpt = core.load_checkpoint(tmp_path / "checkpoint.pt")
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "step", "epoch", "position", "rng", "params", "history"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary files left
     with pytest.raises(FileExistsError, match="resume=True"):
@@ -424,8 +425,8 @@ def test_core_rejects_mismatched_panel():
 
 # ---------------------------------------------------------------------------------------------- command line
 def test_cli(files, tmp_path, capsys):
-    from scbert_tl._cli import _parser
-    from scbert_tl.tl._pretrain import run_pretrain_command
+    from scbert_tl._cli import build_parser as _parser
+    from scbert_tl._cli.pretrain import run as run_pretrain_command
 
     paths, _ = files
     with pytest.raises(SystemExit) as e:
@@ -474,5 +475,38 @@ def test_compact_model_on_pbmc3k(pbmc3k):
     model = scbert.tl.pretrain(a, n_genes=300, max_steps=2, batch_size=16, validation_size=32)
     assert len(model.genes) == 300 and model.config.depth == 2 and model.provenance["source"] == "compact"
     assert "scbert_bins" in a.layers  # binned in place for the model's panel
-    assert a.uns["scbert"]["panel_checksum"] == scbert.pp._bin.panel_checksum(model.genes)
+    assert a.uns["scbert"]["panel_checksum"] == panel_checksum(model.genes)
     assert model.history[-1]["val_masked"] > 0
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    from scbert_tl.train._plan import parameter_groups
+
+    net = _tiny_model().network
+    decayed, plain = parameter_groups(net, 0.01)
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert decayed["params"] and all(p.ndim == 2 for p in decayed["params"])
+    undecayed = {id(p) for p in plain["params"]}
+    for p in (net.token_emb.weight, net.gene_emb.weight, net.norm.weight, net.norm.bias):
+        assert id(p) in undecayed or not p.requires_grad
+    assert len(decayed["params"]) + len(plain["params"]) == sum(p.requires_grad for p in net.parameters())
+    assert len(parameter_groups(net, 0.0)) == 1  # nothing to split without decay (old checkpoints resume)
+
+
+def test_one_warm_up_rule_for_both_loops():
+    from scbert_tl.train._plan import warmup_steps
+
+    assert warmup_steps(0.05, 528) == 26 and warmup_steps(0.05, 4) == 1  # a fraction: rounded, at least one step
+    assert warmup_steps(0, 100) == 0 and warmup_steps(0.0, 100) == 0 and warmup_steps(7, 100) == 7
+    with pytest.raises(ValueError, match="warmup"):
+        warmup_steps(-1, 10)
+
+
+def test_fine_tuning_scales_float16_losses_like_pretraining():
+    from scbert_tl.train._finetune import FinetuneOptions, _plan
+
+    net = _tiny_model().network
+    cpu = torch.device("cpu")
+    assert _plan(net, FinetuneOptions(), 100, cpu, torch.float16).scaler.is_enabled()
+    assert not _plan(net, FinetuneOptions(), 100, cpu, torch.bfloat16).scaler.is_enabled()
+    assert not _plan(net, FinetuneOptions(), 100, cpu, torch.float32).scaler.is_enabled()

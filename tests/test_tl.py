@@ -11,6 +11,7 @@ import torch
 import scbert_tl as scbert
 from scbert_tl import ScBERT
 from scbert_tl._cli import main
+from scbert_tl.data import panel_checksum
 from scbert_tl.train._augment import gene_mask
 
 SMALL = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "classifier_hidden": (256, 64), "classifier_dropout": 0.1}
@@ -71,6 +72,37 @@ def test_finetune_then_annotate_on_real_cells(finetuned, split):
     assert query.uns["scbert"]["classes"] == finetuned.classes
     assert query.uns["scbert"]["params"]["annotate"]["unknown_threshold"] == 0.0
     assert "bin" in query.uns["scbert"]["params"]  # pp.bin's record at the same key is kept
+
+
+def test_bins_under_another_key_are_used_and_kept(finetuned, split, caplog):
+    _, query = split
+    adata = ad.AnnData(query.X.copy(), obs=query.obs[["cell_type"]].copy(), var=query.var[[]].copy())
+    scbert.pp.bin(adata, panel=finetuned, n_bins=finetuned.n_bins, normalize=finetuned.normalization, key_added="x")
+    assert "x_n_genes" in adata.obs and "scbert" not in adata.uns
+    with caplog.at_level("INFO", logger="scbert_tl"):
+        scbert.tl.annotate(adata, finetuned)
+        scbert.tl.embed(adata, finetuned)
+    assert "Binning adata" not in caplog.text  # found under uns["x"]: not binned again
+    assert adata.uns["x"]["panel_checksum"] == panel_checksum(finetuned.genes)
+    assert set(adata.uns["scbert"]) == {"classes", "params"}  # annotate's own record, at its own key
+    # a second pp.bin at another key moves the record: one bins record describes the one bins layer
+    scbert.pp.bin(adata, panel=finetuned, n_bins=finetuned.n_bins, normalize=finetuned.normalization)
+    assert "x" not in adata.uns and "panel_checksum" in adata.uns["scbert"]
+
+
+def test_annotate_and_bin_at_one_key_keep_each_others_fields(finetuned, split):
+    _, query = split
+    adata = ad.AnnData(query.X.copy(), obs=query.obs[["cell_type"]].copy(), var=query.var[[]].copy())
+    scbert.tl.annotate(adata, finetuned)  # bins first (record at "scbert"), then writes its own fields there
+    bins = {k: v for k, v in adata.uns["scbert"].items() if k not in ("classes", "params")}
+    assert "panel_checksum" in bins and adata.uns["scbert"]["classes"] == finetuned.classes
+    scbert.tl.annotate(adata, finetuned, unknown_threshold=0.5)
+    record = adata.uns["scbert"]
+    assert {k: v for k, v in record.items() if k not in ("classes", "params")}.keys() == bins.keys()
+    assert record["params"]["annotate"]["unknown_threshold"] == 0.5 and "bin" in record["params"]
+    scbert.pp.bin(adata, panel=finetuned, n_bins=finetuned.n_bins, normalize=finetuned.normalization)
+    assert adata.uns["scbert"]["classes"] == finetuned.classes  # pp.bin keeps annotate's fields
+    assert adata.uns["scbert"]["params"]["annotate"]["unknown_threshold"] == 0.5
 
 
 def test_unknown_threshold_calls_low_confidence_cells_unknown(finetuned, split):
@@ -270,7 +302,7 @@ def test_cross_validation_folds_never_leak(pbmc, genes, monkeypatch):
 def test_scores_equal_scikit_learn():
     from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
-    from scbert_tl.tl._evaluate import scores
+    from scbert_tl._metrics import scores
 
     truth = np.array(list("aabbbcccd"))
     pred = np.array(list("abbbcccda"))

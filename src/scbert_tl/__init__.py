@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 if "torch" not in sys.modules:
@@ -24,15 +23,11 @@ if "torch" not in sys.modules:
 
 from . import _logging  # noqa: E402
 from ._settings import settings  # noqa: E402
+from ._version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from . import datasets, model, pl, pp, tl
     from ._scbert import ScBERT
-
-try:
-    __version__ = version("scbert-tl")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0+unknown"
 
 _logging.install()  # INFO and WARNING reach the notebook or shell (settings.verbosity); see _logging
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from ._files import as_umask_allows
+from ._paths import check_model_target, is_hdf5
+from ._version import __version__
 from .datasets._registry import file_sha256
 from .model import CheckpointError, ScBERTConfig, ScBERTNetwork, infer_config, load_into, to_own_state_dict
 
@@ -28,12 +30,6 @@ FORMAT_VERSION = 1
 Normalization = Literal["library", "panel"]
 Unmeasured = Literal["zero", "mask"]
 PRETRAINED = {"scbert-panglao": ("scbert-panglao-weights", "scbert-panglao")}
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 class ScBERT:
@@ -360,7 +356,7 @@ class ScBERT:
         meta = {
             "format": "scbert-tl",
             "format_version": FORMAT_VERSION,
-            "scbert_tl_version": _version(),
+            "scbert_tl_version": __version__,
             "config": self.config.to_dict(),
             "panel": self.panel,
             "normalization": self.normalization,
@@ -400,39 +396,6 @@ class ScBERT:
         return path
 
 
-def check_model_target(path: Path, *, overwrite: bool) -> bool:
-    """Whether saving to ``path`` replaces a model there; raises when it may not be written (checked before any work)."""
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} is a file; a model is saved as a directory. Choose another path.")
-    if not path.exists() or not any(path.iterdir()):
-        check_writable(path)
-        return False
-    if not overwrite:
-        raise FileExistsError(
-            f"{path} already exists and is not empty; pass overwrite=True (--overwrite in the shell) to replace it."
-        )
-    try:
-        is_model = json.loads((path / "config.json").read_text()).get("format") == "scbert-tl"
-    except (OSError, ValueError, AttributeError):
-        is_model = False
-    if not is_model:
-        raise FileExistsError(f"{path} exists and is not an scbert-tl model folder; refusing to write into it.")
-    check_writable(path)
-    return True
-
-
-def check_writable(path: Path) -> None:
-    """Raise (before any work) when ``path``, or the nearest folder above it that exists, cannot be written."""
-    folder = path if path.is_dir() else next(p for p in path.parents if p.exists())
-    if not folder.is_dir():
-        raise NotADirectoryError(f"Cannot write {path}: {folder} is a file, not a folder.")
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise PermissionError(f"Cannot write {path}: the folder {folder} is not writable ({e.strerror}).") from e
-
-
 def _mkparent(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.parent
@@ -447,13 +410,6 @@ def _read_meta(cfg_file: Path) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{cfg_file} is not an scbert-tl model config (format={found!r}).")
     return meta
-
-
-def is_hdf5(path: Path) -> bool:
-    """Whether ``path`` is an HDF5 file (as an ``.h5ad`` is), by its signature."""
-    import h5py
-
-    return bool(h5py.is_hdf5(str(path)))
 
 
 def _check_torch_file(path: Path) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from ..tl._finetune import UNKNOWN, class_order
+from ..data import UNKNOWN, class_order
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
+
+from .._settings import settings
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Sequence
 
-    import pandas as pd
+logger = logging.getLogger(__name__)
 
 ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{11}(\.\d+)?$")
 METHODS = ("exact", "case", "nomenclature", "ensembl")
@@ -162,3 +169,49 @@ def align_genes(ids: Sequence[str], panel: Sequence[str], *, nomenclature: pd.Da
             target[j] = pos
             method[j] = METHODS[tier]
     return Alignment(target=target, panel_index=panel_index, method=method.astype(str), shadowed=shadowed)
+
+
+@functools.cache
+def _registry_nomenclature(cachedir: str) -> pd.DataFrame | None:
+    """The registry's HGNC table, or None when it cannot be had: tried once per process (and cache folder)."""
+    from .. import datasets
+
+    try:
+        return datasets.hgnc_table()
+    except (OSError, ValueError) as e:  # offline, blocked, or a bad download (already removed)
+        logger.warning(
+            "The HGNC nomenclature table could not be fetched (%s). In this session genes are matched by exact and "
+            "case-insensitive symbol only: renamed genes (previous or alias symbols) and Ensembl IDs are not aligned, "
+            "so fewer genes may match than with the table. To use it offline, download %s elsewhere and set "
+            "scbert.settings.hgnc_path to that file (or put it at %s). Not tried again in this process.",
+            type(e).__name__,
+            datasets.REGISTRY["hgnc-complete-set"].url,
+            Path(cachedir) / "hgnc-complete-set",
+        )
+        return None
+
+
+@functools.cache
+def _hgnc_file(path: str, mtime: float) -> pd.DataFrame:
+    from .. import datasets
+
+    return datasets.read_hgnc(path)
+
+
+def nomenclature(aliases: str | os.PathLike | pd.DataFrame | None) -> tuple[pd.DataFrame | None, str]:
+    """The nomenclature table ``aliases`` names (see :func:`scbert_tl.pp.bin`) and where it came from, for the record."""
+    from .. import datasets
+
+    if aliases is None or aliases is False:
+        return None, "not used (aliases=None): exact and case-insensitive symbols only"
+    if isinstance(aliases, pd.DataFrame):
+        return aliases, "user-supplied table"
+    if isinstance(aliases, str) and aliases == "hgnc":
+        if settings.hgnc_path is not None:
+            path = settings.hgnc_path
+            return _hgnc_file(str(path), path.stat().st_mtime), f"HGNC table {path} (settings.hgnc_path)"
+        table = _registry_nomenclature(str(settings.cachedir))
+        if table is None:
+            return None, "unavailable (HGNC table could not be fetched): exact and case-insensitive symbols only"
+        return table, f"HGNC complete set ({datasets.REGISTRY['hgnc-complete-set'].url})"
+    return datasets.read_hgnc(aliases), f"HGNC-format table {aliases}"

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from ..pp._bin import tokens_for
+from ..data import UNKNOWN
 from ..train import run_batches
 from ..train._calibration import NOVELTY_SCORE, novelty_scores, softmax, threshold_for_rate
 from ..train._inference import check_compute
-from ._finetune import UNKNOWN
+from ._data import tokens_for
 from ._resolve import model_for_inference
 
 if TYPE_CHECKING:

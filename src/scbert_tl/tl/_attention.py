@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data import PANEL_INDEX
 from ..model._attention import attention_received, resolve_layers
-from ..pp._bin import PANEL_INDEX, tokens_for
 from ..train import run_batches
 from ..train._inference import check_compute
+from ._data import tokens_for
 from ._resolve import model_for_inference
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from .._scbert import ScBERT
+    from ..data import TokenMatrix
     from ..model import ScBERTNetwork
     from ..model._attention import Layers
 
@@ -60,6 +62,40 @@ def _groups(adata: AnnData, groupby: str | None) -> tuple[str | None, np.ndarray
     if (codes < 0).any():
         logger.info("attention: %d cells without a %r value are left out", int((codes < 0).sum()), groupby)
     return groupby, codes, [n for n, p in zip(names, present, strict=True) if p]
+
+
+def _group_sums(
+    network: ScBERTNetwork,
+    tokens: TokenMatrix,
+    codes: np.ndarray,
+    n_groups: int,
+    blocks: list[int],
+    *,
+    per_cell: bool,
+    batch_size: int | None,
+    device: str | None,
+    precision: str | None,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per group (``codes``; -1: none), the sum over its cells of the attention each panel gene receives.
+
+    Cells are run ``CELLS_PER_CALL`` at a time; with ``per_cell`` every cell is run and its values kept.
+    """
+    sums = np.zeros((n_groups, tokens.n_genes), dtype=np.float64)
+    rows = np.flatnonzero(codes >= 0) if not per_cell else np.arange(codes.size)
+    fn = partial(_panel_attention, layers=blocks)
+    kept = []
+    for start in range(0, rows.size, CELLS_PER_CALL):
+        chunk = rows[start : start + CELLS_PER_CALL]
+        (values,) = run_batches(
+            network, tokens, fn, rows=chunk, batch_size=batch_size, device=device, precision=precision, desc="attention"
+        )
+        c = codes[chunk]
+        inside = np.flatnonzero(c >= 0)
+        indicator = sp.csr_matrix((np.ones(inside.size), (c[inside], inside)), shape=(n_groups, chunk.size))
+        sums += indicator @ values  # group sums of this chunk
+        if per_cell:
+            kept.append(values)
+    return sums, kept
 
 
 def attention(
@@ -166,29 +202,18 @@ def attention(
     measured = np.zeros(n_genes, dtype=bool)
     measured[panel_index[panel_index >= 0]] = True
 
-    sums = np.zeros((len(names), n_genes), dtype=np.float64)
     counts = np.bincount(codes[codes >= 0], minlength=len(names))
-    rows = np.flatnonzero(codes >= 0) if not per_cell else np.arange(adata.n_obs)
-    fn = partial(_panel_attention, layers=blocks)
-    kept = []
-    for start in range(0, rows.size, CELLS_PER_CALL):
-        chunk = rows[start : start + CELLS_PER_CALL]
-        (values,) = run_batches(
-            m.network,
-            tokens,
-            fn,
-            rows=chunk,
-            batch_size=batch_size,
-            device=device,
-            precision=precision,
-            desc="attention",
-        )
-        c = codes[chunk]
-        inside = np.flatnonzero(c >= 0)
-        indicator = sp.csr_matrix((np.ones(inside.size), (c[inside], inside)), shape=(len(names), chunk.size))
-        sums += indicator @ values  # group sums of this chunk
-        if per_cell:
-            kept.append(values)
+    sums, kept = _group_sums(
+        m.network,
+        tokens,
+        codes,
+        len(names),
+        blocks,
+        per_cell=per_cell,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+    )
     mean = sums / counts[:, None]
 
     n_ranked = min(n_top, int(measured.sum()))  # panel genes adata lacks are never ranked

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ..pp._bin import tokens_for
 from ..train import run_batches
 from ..train._inference import check_compute
+from ._data import tokens_for
 from ._resolve import model_for_inference
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from .._metrics import scores
 from .._settings import settings
 
 if TYPE_CHECKING:
@@ -30,31 +31,12 @@ BASELINES = ("l1_logistic", "celltypist")
 INPUT_KEYS = ("gene_key", "layer", "use_raw")
 
 
-def scores(truth: Sequence[str], prediction: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro F1, per-class F1 and the confusion matrix (scikit-learn's definitions).
-
-    Macro F1 averages over ``classes`` (the types of the training data), so a type never predicted
-    counts as F1 0.
-    """
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
-
-    truth, prediction = np.asarray(truth, dtype=str), np.asarray(prediction, dtype=str)
-    labels = list(classes)
-    per_class = f1_score(truth, prediction, labels=labels, average=None, zero_division=0)
-    return {
-        "accuracy": float(accuracy_score(truth, prediction)),
-        "macro_f1": float(f1_score(truth, prediction, labels=labels, average="macro", zero_division=0)),
-        "per_class_f1": dict(zip(labels, map(float, per_class), strict=True)),
-        "confusion": confusion_matrix(truth, prediction, labels=labels),
-    }
-
-
 def log_normalised(adata: AnnData, **input_params: Any) -> Any:
     """Cells normalised to 1e4 and ``log1p`` (natural log) over all genes, from counts or log input."""
     import anndata as ad
     import scanpy as sc
 
-    from ..pp._bin import expression
+    from ..pp._expression import expression
 
     tmp = ad.AnnData(expression(adata, **input_params))
     sc.pp.normalize_total(tmp, target_sum=1e4)
@@ -321,8 +303,8 @@ def labelled(
 
     ``baseline_input=False``: leave the expression to the caller.
     """
-    from ..pp._bin import input_params
-    from ._finetune import check_labels_present, class_order
+    from ..data import class_order, input_params
+    from ._finetune import check_labels_present
 
     if label_key not in adata.obs:
         raise KeyError(f"label_key={label_key!r} is not a column of adata.obs; columns are {list(adata.obs.columns)}.")

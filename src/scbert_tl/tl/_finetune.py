@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..pp._bin import input_params, tokens_for
+from ..data import UNKNOWN, class_order, input_params
 from ..train._calibration import calibrate
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
+from ._data import tokens_for
 from ._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE, resolve_model
 
 if TYPE_CHECKING:
@@ -27,10 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN = "unknown"
-
-
-_INTEGER = re.compile(r"[+-]?\d+")
 
 # text that stands for a missing label (a NaN or None turned into a string, an empty cell of a table)
 MISSING_LABELS = ("", "nan", "none", "null", "na", "n/a", "<na>")
@@ -54,22 +50,6 @@ def check_labels_present(col: pd.Series, label_key: str) -> None:
             f"adata = adata[~adata.obs[{label_key!r}].astype(str).str.strip().str.lower().isin({list(MISSING_LABELS)})]"
             ".copy()"
         )
-
-
-def class_order(labels: pd.Series | np.ndarray | Sequence) -> list[str]:
-    """The distinct labels as text, in their natural order.
-
-    A categorical's own category order (the categories that occur); integer labels by value
-    (``1, 2, 10``, not ``"1", "10", "2"``), whether stored as numbers or as text; other labels sorted
-    as text. Every place that builds classes (fine-tuning, the evaluation protocols, the plots) uses it.
-    """
-    col = labels if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
-    present = set(col.astype(str))
-    if isinstance(col.dtype, pd.CategoricalDtype):
-        return [str(c) for c in col.cat.categories if str(c) in present]
-    if all(_INTEGER.fullmatch(n) for n in present):
-        return sorted(present, key=lambda n: (int(n), n))
-    return sorted(present)
 
 
 def _labels(adata: AnnData, label_key: str) -> tuple[np.ndarray, list[str]]:
@@ -188,7 +168,7 @@ def finetune(
         Peak learning rate (AdamW, linear warm-up, cosine decay). Default 1e-3 for a new model,
         1e-4 when starting from trained weights.
     weight_decay
-        AdamW weight decay.
+        AdamW weight decay of the weight matrices (norms, biases and embeddings are not decayed).
     accumulate
         Micro-batches per optimiser step (the update equals one batch of ``batch_size * accumulate``).
     patience
@@ -240,15 +220,8 @@ def finetune(
         torch.manual_seed(rng)
         params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
         m = resolve_model(model, adata, seed=rng, params=params)
-        new_model = m.provenance.get("source") in ("compact", "new")
-        if trainable is None:
-            trainable = "all" if new_model else "original"
-        defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
-        epochs = defaults["epochs"] if epochs is None else epochs
-        patience = defaults["patience"] if patience is None else patience
-        lr = defaults["lr"] if lr is None else lr
-        mask_genes = defaults["mask_genes"] if mask_genes is None else mask_genes
-        options = FinetuneOptions(
+        options = _options(
+            m,
             epochs=epochs,
             batch_size=batch_size,
             lr=lr,
@@ -261,7 +234,7 @@ def finetune(
             mask_genes=mask_genes,
             seed=rng,
         )
-        if mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
+        if options.mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
             m.unmeasured = "mask"
         tokens = tokens_for(adata, m, **params)
         if m.classes != classes:  # a new head, unless the model already classifies exactly these types
@@ -273,7 +246,40 @@ def finetune(
         calibrate(m.network, tokens, labels, val_rows, device=dev, precision=precision) if val_rows.size else None
     )
     m.history = history
-    selected = next((h for h in history if h["selected"]), history[-1])
+    selected = _record(m, label_key, train_rows, val_rows, options, dev, dtype)
+    _write_split(adata, split_key, val_rows)
+    logger.info(
+        "finetune: selected epoch %d, validation accuracy %.3f, macro F1 %.3f (model selection only, not a test score)",
+        selected["epoch"],
+        selected.get("val_accuracy", float("nan")),
+        selected.get("val_macro_f1", float("nan")),
+    )
+    return m
+
+
+def _options(m: ScBERT, **given: Any) -> FinetuneOptions:
+    """The run's options: those given, the rest from the defaults for a new model or for trained weights."""
+    new_model = m.provenance.get("source") in ("compact", "new")
+    defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
+    for key in ("epochs", "patience", "lr", "mask_genes"):
+        if given[key] is None:
+            given[key] = defaults[key]
+    if given["trainable"] is None:
+        given["trainable"] = "all" if new_model else "original"
+    return FinetuneOptions(**given)
+
+
+def _record(
+    m: ScBERT,
+    label_key: str,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    options: FinetuneOptions,
+    dev: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Write the run into the model's provenance; returns the selected epoch's history record."""
+    selected = next((h for h in m.history if h["selected"]), m.history[-1])
     m.provenance.update(
         {
             "finetuned": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -290,16 +296,15 @@ def finetune(
             else {"temperature": m.calibration["temperature"], **m.calibration["validation"]},
         }
     )
-    if split_key is not None:
-        if split_key in adata.obs:
-            logger.info("finetune: replacing adata.obs[%r]", split_key)
-        split = np.full(adata.n_obs, "train", dtype=object)
-        split[val_rows] = "validation"
-        adata.obs[split_key] = pd.Categorical(split, categories=["train", "validation"])
-    logger.info(
-        "finetune: selected epoch %d, validation accuracy %.3f, macro F1 %.3f (model selection only, not a test score)",
-        selected["epoch"],
-        selected.get("val_accuracy", float("nan")),
-        selected.get("val_macro_f1", float("nan")),
-    )
-    return m
+    return selected
+
+
+def _write_split(adata: AnnData, split_key: str | None, val_rows: np.ndarray) -> None:
+    """Record in ``adata.obs[split_key]`` which cells trained and which selected the model."""
+    if split_key is None:
+        return
+    if split_key in adata.obs:
+        logger.info("finetune: replacing adata.obs[%r]", split_key)
+    split = np.full(adata.n_obs, "train", dtype=object)
+    split[val_rows] = "validation"
+    adata.obs[split_key] = pd.Categorical(split, categories=["train", "validation"])

@@ -21,6 +21,46 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _types(labels: np.ndarray, types: Sequence[str] | None, label_key: str) -> list[str]:
+    """The types of the design (default: the four largest), checked."""
+    counts = pd.Series(labels).value_counts()
+    if types is None:
+        types = list(counts.index[:4])
+    types = [str(t) for t in types]
+    missing = [t for t in types if t not in counts.index]
+    if missing:
+        raise KeyError(f"Types {missing} are not in adata.obs[{label_key!r}]; it has {sorted(counts.index)}.")
+    if len(types) < 2 or len(set(types)) != len(types):
+        raise ValueError(f"types must name at least two different cell types, got {types}.")
+    return types
+
+
+def _design(
+    labels: np.ndarray,
+    runs: list[Any],
+    types: list[str],
+    n_large: int | None,
+    n_small: int | None,
+    ratio: float,
+) -> tuple[dict[str, int], int, int]:
+    """Training cells per type (large types at even positions, rare ones at odd), checked against every fold."""
+    large = types[0::2]
+    available = {t: min(int((labels[train] == t).sum()) for _, _, train, _, _ in runs) for t in types}
+    if n_large is None:
+        n_large = min(available[t] for t in large)
+    if n_small is None:
+        n_small = max(1, round(n_large / ratio))
+    design = {t: int(n_large if t in large else n_small) for t in types}
+    short = {t: (n, available[t]) for t, n in design.items() if n > available[t] or n < 1}
+    if short:
+        raise ValueError(
+            "The design asks for more training cells than a type has in the training folds (or fewer than one): "
+            + ", ".join(f"{t}: {n} asked, {a} available" for t, (n, a) in short.items())
+            + "; pass smaller n_large / n_small."
+        )
+    return design, n_large, n_small
+
+
 def class_imbalance(
     adata: AnnData,
     label_key: str,
@@ -88,30 +128,10 @@ def class_imbalance(
     type), ``"rare"`` (the rare types), ``"training_cells"`` (obs names per fold) and ``"params"``.
     """
     data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
-    counts = pd.Series(data.labels).value_counts()
-    if types is None:
-        types = list(counts.index[:4])
-    types = [str(t) for t in types]
-    missing = [t for t in types if t not in counts.index]
-    if missing:
-        raise KeyError(f"Types {missing} are not in adata.obs[{label_key!r}]; it has {sorted(counts.index)}.")
-    if len(types) < 2 or len(set(types)) != len(types):
-        raise ValueError(f"types must name at least two different cell types, got {types}.")
-    large, rare = types[0::2], types[1::2]
+    types = _types(data.labels, types, label_key)
+    rare = types[1::2]
     runs = list(iter_folds(data.labels, n_splits, 1, rng, folds))
-    available = {t: min(int((data.labels[train] == t).sum()) for _, _, train, _, _ in runs) for t in types}
-    if n_large is None:
-        n_large = min(available[t] for t in large)
-    if n_small is None:
-        n_small = max(1, round(n_large / ratio))
-    design = {t: int(n_large if t in large else n_small) for t in types}
-    short = {t: (n, available[t]) for t, n in design.items() if n > available[t] or n < 1}
-    if short:
-        raise ValueError(
-            "The design asks for more training cells than a type has in the training folds (or fewer than one): "
-            + ", ".join(f"{t}: {n} asked, {a} available" for t, (n, a) in short.items())
-            + "; pass smaller n_large / n_small."
-        )
+    design, n_large, n_small = _design(data.labels, runs, types, n_large, n_small, ratio)
     logger.info("class_imbalance: training cells per type %s", design)
     rows: list[dict[str, Any]] = []
     training_cells: dict[str, np.ndarray] = {}

@@ -107,24 +107,9 @@ def novel_type_detection(
     the score, novel against known test cells) and ``ece``), ``"novel_as"`` (what the novel cells
     were predicted as without a threshold: method, left_out, fold, predicted, n) and ``"params"``.
     """
-    thresholds = sorted({float(t) for t in thresholds})
-    if not thresholds or thresholds[0] < 0 or thresholds[-1] > 1:
-        raise ValueError(f"thresholds must be in [0, 1], got {thresholds}.")
-    if isinstance(false_unknown_rate, bool) or not 0 < false_unknown_rate < 1:
-        raise ValueError(f"false_unknown_rate must be between 0 and 1, got {false_unknown_rate!r}.")
-    if isinstance(validation, bool) or not 0 < validation < 1:
-        raise ValueError(
-            f"validation must be a fraction in (0, 1): the thresholds are chosen on those cells; got {validation!r}."
-        )
+    thresholds = _check_args(thresholds, false_unknown_rate, validation)
     data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
-    if len(data.classes) < 3:
-        raise ValueError(f"Novel-type detection needs at least three types (two stay known); got {data.classes}.")
-    if leave_out is None:
-        leave_out = list(data.classes)
-    leave_out = [leave_out] if isinstance(leave_out, str) else [str(t) for t in leave_out]
-    missing = [t for t in leave_out if t not in data.classes]
-    if missing:
-        raise KeyError(f"leave_out types {missing} are not in adata.obs[{label_key!r}]; it has {data.classes}.")
+    leave_out = _leave_out(leave_out, data.classes, label_key)
     rows: list[dict[str, Any]] = []
     chosen: list[dict[str, Any]] = []
     novel_as: list[dict[str, Any]] = []
@@ -151,58 +136,15 @@ def novel_type_detection(
             run = {"left_out": novel_type, "fold": fold}
             for method in data.methods:
                 pred = data.run(method, train, test, model=model, validation=val_names, seed=rng, novelty=True)
-                right = pred.labels == truth
-                ece = expected_calibration_error(pred.confidence[~novel], right[~novel])
                 counts = {
                     "n_train": int(train.size - val.size),
                     "n_known": int((~novel).sum()),
                     "n_novel": int(novel.sum()),
                 }
-                for t in thresholds:
-                    unknown = pred.confidence < t
-                    rows.append(
-                        {
-                            "method": method,
-                            **run,
-                            "threshold": t,
-                            **_rates(unknown, right, novel),
-                            "known_accuracy_forced": float(right[~novel].mean()),
-                            "ece": ece,
-                            **counts,
-                            "seconds": pred.seconds,
-                        }
-                    )
-                for score, values in pred.novelty.items():
-                    threshold = float(np.quantile(pred.validation_novelty[score], 1 - false_unknown_rate))
-                    chosen.append(
-                        {
-                            "method": method,
-                            "score": score,
-                            **run,
-                            "threshold": threshold,
-                            "validation_unknown": float((pred.validation_novelty[score] > threshold).mean()),
-                            **_rates(values > threshold, right, novel),
-                            "auroc": _auroc(values, novel),
-                            "ece": ece,
-                        }
-                    )
-                predicted, n = np.unique(pred.labels[novel], return_counts=True)
-                novel_as += [
-                    {"method": method, **run, "predicted": str(p), "n": int(k)}
-                    for p, k in zip(predicted, n, strict=True)
-                ]
-                mine = chosen[-len(pred.novelty) :]
-                best = next((c for c in mine if c["score"] == NOVELTY_SCORE), mine[0])  # what annotate uses
-                logger.info(
-                    "  %s: at the threshold for %.0f%% false unknowns on validation cells (%s), novel recall %.3f, "
-                    "known accuracy %.3f; ECE %.3f",
-                    method,
-                    100 * false_unknown_rate,
-                    best["score"],
-                    best["novel_recall"],
-                    best["known_accuracy"],
-                    ece,
-                )
+                found = _method_rows(method, pred, truth, novel, run, counts, thresholds, false_unknown_rate)
+                rows += found[0]
+                chosen += found[1]
+                novel_as += found[2]
     frame = pd.DataFrame(rows)
     params = base_params(
         data,
@@ -218,6 +160,92 @@ def novel_type_detection(
     )
     store(adata, key_added, frame, params, chosen=pd.DataFrame(chosen), novel_as=pd.DataFrame(novel_as))
     return frame
+
+
+def _check_args(thresholds: Sequence[float], false_unknown_rate: float, validation: float) -> list[float]:
+    """The thresholds, sorted; errors for values out of range."""
+    thresholds = sorted({float(t) for t in thresholds})
+    if not thresholds or thresholds[0] < 0 or thresholds[-1] > 1:
+        raise ValueError(f"thresholds must be in [0, 1], got {thresholds}.")
+    if isinstance(false_unknown_rate, bool) or not 0 < false_unknown_rate < 1:
+        raise ValueError(f"false_unknown_rate must be between 0 and 1, got {false_unknown_rate!r}.")
+    if isinstance(validation, bool) or not 0 < validation < 1:
+        raise ValueError(
+            f"validation must be a fraction in (0, 1): the thresholds are chosen on those cells; got {validation!r}."
+        )
+    return thresholds
+
+
+def _leave_out(leave_out: str | Sequence[str] | None, classes: list[str], label_key: str) -> list[str]:
+    """The types to leave out in turn (default: each), checked against the data's types."""
+    if len(classes) < 3:
+        raise ValueError(f"Novel-type detection needs at least three types (two stay known); got {classes}.")
+    if leave_out is None:
+        leave_out = list(classes)
+    leave_out = [leave_out] if isinstance(leave_out, str) else [str(t) for t in leave_out]
+    missing = [t for t in leave_out if t not in classes]
+    if missing:
+        raise KeyError(f"leave_out types {missing} are not in adata.obs[{label_key!r}]; it has {classes}.")
+    return leave_out
+
+
+def _method_rows(
+    method: str,
+    pred: Any,
+    truth: np.ndarray,
+    novel: np.ndarray,
+    run: dict[str, Any],
+    counts: dict[str, int],
+    thresholds: Sequence[float],
+    false_unknown_rate: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """One method's rows of one run: per fixed threshold, per novelty score at the validation-chosen threshold, and what the novel cells were called."""
+    rows: list[dict[str, Any]] = []
+    chosen: list[dict[str, Any]] = []
+    right = pred.labels == truth
+    ece = expected_calibration_error(pred.confidence[~novel], right[~novel])
+    for t in thresholds:
+        unknown = pred.confidence < t
+        rows.append(
+            {
+                "method": method,
+                **run,
+                "threshold": t,
+                **_rates(unknown, right, novel),
+                "known_accuracy_forced": float(right[~novel].mean()),
+                "ece": ece,
+                **counts,
+                "seconds": pred.seconds,
+            }
+        )
+    for score, values in pred.novelty.items():
+        threshold = float(np.quantile(pred.validation_novelty[score], 1 - false_unknown_rate))
+        chosen.append(
+            {
+                "method": method,
+                "score": score,
+                **run,
+                "threshold": threshold,
+                "validation_unknown": float((pred.validation_novelty[score] > threshold).mean()),
+                **_rates(values > threshold, right, novel),
+                "auroc": _auroc(values, novel),
+                "ece": ece,
+            }
+        )
+    predicted, n = np.unique(pred.labels[novel], return_counts=True)
+    novel_as = [{"method": method, **run, "predicted": str(p), "n": int(k)} for p, k in zip(predicted, n, strict=True)]
+    best = next((c for c in chosen if c["score"] == NOVELTY_SCORE), chosen[0])  # what annotate uses
+    logger.info(
+        "  %s: at the threshold for %.0f%% false unknowns on validation cells (%s), novel recall %.3f, "
+        "known accuracy %.3f; ECE %.3f",
+        method,
+        100 * false_unknown_rate,
+        best["score"],
+        best["novel_recall"],
+        best["known_accuracy"],
+        ece,
+    )
+    return rows, chosen, novel_as
 
 
 def _rates(unknown: np.ndarray, right: np.ndarray, novel: np.ndarray) -> dict[str, float]:

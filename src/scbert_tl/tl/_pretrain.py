@@ -6,192 +6,59 @@ import contextlib
 import copy
 import logging
 import os
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from .._scbert import PRETRAINED, ScBERT
-from ..train._stream import SAMPLE, TokenSource, check_col_map, derive_rng, to_panel_csr
+from .._version import __version__
+from ..train._stream import SAMPLE, derive_rng
+from ._data import as_items, item_name, source_for
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Iterator, Sequence
 
     import torch
     from anndata import AnnData
 
-    from ..train._pretrain import Schedule
+    from ..train._plan import Schedule
 
 logger = logging.getLogger(__name__)
 
 _MAX_HVG_CELLS = 50_000
+# the arguments of tl.pretrain that pass through to the loop (train._pretrain.pretrain_network)
+_LOOP_ARGS = (
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "accumulate",
+    "lr",
+    "weight_decay",
+    "warmup",
+    "schedule",
+    "max_grad_norm",
+    "mask_prob",
+    "replace_prob",
+    "redraw_every",
+    "validation_size",
+    "eval_every",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+    "stop_after",
+    "chunk_size",
+    "shuffle_buffer",
+    "gradient_checkpointing",
+    "device",
+    "precision",
+    "random_state",
+)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def _as_items(data: Any) -> list[AnnData | Path]:
-    from anndata import AnnData
-
-    items = list(data) if isinstance(data, list | tuple) else [data]
-    if not items:
-        raise ValueError("No data to pretrain on: the list of inputs is empty.")
-    out: list[AnnData | Path] = []
-    for item in items:
-        if isinstance(item, AnnData):
-            out.append(item)
-        elif isinstance(item, str | os.PathLike):
-            path = Path(item).expanduser()
-            if path.is_dir():
-                raise IsADirectoryError(f"{path} is a folder; expected an .h5ad file.")
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist (expected an .h5ad file).")
-            out.append(path)
-        else:
-            raise TypeError(f"Expected AnnData objects or .h5ad paths, got {type(item).__name__}.")
-    return out
-
-
-def _item_name(item: AnnData | Path, i: int, n: int) -> str:
-    if isinstance(item, Path):
-        return item.name
-    if item.isbacked:
-        return Path(item.filename).name
-    return "adata" if n == 1 else f"adata[{i}]"
-
-
-def _bin_params(uns: Any) -> dict[str, Any]:
-    params = uns.get("params", {}).get("bin", {}) if isinstance(uns, dict) else {}
-    return {k: params[k] for k in ("gene_key", "layer", "use_raw") if params.get(k) is not None}
-
-
-class H5adFile:
-    """What the pretraining needs of an ``.h5ad`` file, read with h5py: its cell count, ``var``, the ``scbert`` record, and rows of its matrices."""
-
-    def __init__(self, path: Path) -> None:
-        import h5py
-        from anndata.io import read_elem
-
-        self.path = path
-        try:
-            with h5py.File(path, "r") as f:
-                if "obs" not in f or "var" not in f:
-                    raise ValueError(f"{path} is not an AnnData .h5ad file (no obs/var groups).")
-                obs = f["obs"]
-                self.n_obs = int(obs[obs.attrs["_index"]].shape[0])
-                self.var = read_elem(f["var"])
-                self.raw_var = read_elem(f["raw/var"]) if "raw/var" in f else None
-                self.uns = read_elem(f["uns/scbert"]) if "uns/scbert" in f else None
-                self.layers = list(f["layers"].keys()) if "layers" in f else []
-        except OSError as e:
-            raise ValueError(f"{path} could not be read as an .h5ad file ({e}).") from e
-
-    def obs_names(self) -> pd.Index:
-        """The cell names."""
-        import h5py
-        from anndata.io import read_elem
-
-        with h5py.File(self.path, "r") as f:
-            return pd.Index(read_elem(f["obs"][f["obs"].attrs["_index"]])).astype(str)
-
-    def rows(self, key: str, start: int | np.ndarray, stop: int | None = None) -> sp.csr_matrix:
-        """Rows of the matrix at ``key`` ("X", "raw/X" or "layers/NAME"): a range, or sorted indices."""
-        import h5py
-        from anndata.io import sparse_dataset
-
-        with h5py.File(self.path, "r") as f:
-            if key not in f:
-                raise KeyError(f"{self.path} has no {key!r}.")
-            node = f[key]
-            ds = node if isinstance(node, h5py.Dataset) else sparse_dataset(node)
-            block = ds[start:stop] if stop is not None else ds[np.asarray(start)]
-        return sp.csr_matrix(block)
-
-
-def _matrix_key(params: dict[str, Any]) -> str:
-    if params.get("use_raw"):
-        return "raw/X"
-    if params.get("layer"):
-        return f"layers/{params['layer']}"
-    return "X"
-
-
-class _FileMatrix:
-    """Rows of a matrix in an ``.h5ad`` file by index, for :func:`scbert_tl.pp._bin.bins_stale`."""
-
-    def __init__(self, file: H5adFile, params: dict[str, Any]) -> None:
-        self.file, self.key = file, _matrix_key(params)
-        var = file.raw_var if params.get("use_raw") else file.var
-        self.shape = (file.n_obs, 0 if var is None else len(var))
-
-    def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
-        return self.file.rows(self.key, np.asarray(rows))
-
-
-class BinningH5adSource(TokenSource):
-    """An ``.h5ad`` file without bins for the model: chunks of its expression are binned on the fly by :func:`scbert_tl.pp.bin`.
-
-    The expression is read where the file's last :func:`~scbert_tl.pp.bin` read it (``X`` by
-    default; ``raw/X`` or a layer if recorded), a range of rows at a time.
-    """
-
-    def __init__(self, file: H5adFile, model: ScBERT, params: dict[str, Any]) -> None:
-        self.file = file
-        self.name = file.path.name
-        self.model = model
-        self.key = _matrix_key(params)
-        var = file.raw_var if params.get("use_raw") else file.var
-        if var is None:
-            raise ValueError(f"{file.path}: the bins were made from adata.raw but the file has no raw.")
-        gene_key = params.get("gene_key")
-        cols = [gene_key] if gene_key is not None and gene_key in var else []
-        self.var = pd.DataFrame(var[cols], index=var.index.astype(str))
-        self.gene_key = gene_key if cols else None
-        self.n_cells = file.n_obs
-        self.n_genes = len(model.genes)
-        first = self._bin(0, min(self.n_cells, 500), quiet=False)
-        self.col_map = check_col_map(first.var["scbert_panel_index"].to_numpy(), len(self.var), self.n_genes, self.name)
-
-    def _bin(self, start: int, stop: int, *, quiet: bool = True) -> AnnData:
-        from anndata import AnnData
-
-        from ..pp import bin as pp_bin
-
-        block = self.file.rows(self.key, start, stop)
-        chunk = AnnData(X=block.astype(np.float64), var=self.var.copy())
-        with _quiet("scbert_tl.pp") if quiet else contextlib.nullcontext():
-            try:
-                pp_bin(
-                    chunk,
-                    panel=self.model,
-                    n_bins=self.model.n_bins,
-                    normalize=self.model.normalization,
-                    gene_key=self.gene_key,
-                )
-            except (ValueError, KeyError) as e:
-                raise ValueError(f"{self.name} (cells {start}..{stop - 1}): {e}") from e
-        return chunk
-
-    def read(self, start: int, stop: int) -> sp.csr_matrix:
-        """Cells ``start:stop``, binned."""
-        return to_panel_csr(self._bin(start, stop).layers["scbert_bins"], self.col_map, self.n_genes)
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Silence a logger's info messages (pp.bin on every chunk would repeat the same lines)."""
-    lg = logging.getLogger(name)
-    old = lg.level
-    lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
-
-
 @contextlib.contextmanager
 def _main_rank_only(ctx: Any) -> Iterator[None]:
     """On ranks other than 0, silence info logs and progress bars for the duration of the call."""
@@ -208,56 +75,6 @@ def _main_rank_only(ctx: Any) -> Iterator[None]:
         settings.verbosity = old
 
 
-def _source_for(item: AnnData | Path, model: ScBERT, name: str, *, main: bool) -> TokenSource:
-    from ..pp import bin as pp_bin
-    from ..pp._bin import LAYER, PANEL_INDEX, bins_stale, recorded_input
-    from ..train import H5adSource, MemorySource
-
-    n_genes = len(model.genes)
-    if not isinstance(item, Path) and not item.isbacked:
-        if item.n_obs == 0:
-            raise ValueError(f"{name} has no cells.")
-        info = item.uns.get("scbert")
-        reason = (
-            bins_stale(info, model, recorded_input(item), item.var_names, item.obs_names)
-            if LAYER in item.layers and PANEL_INDEX in item.var
-            else "are missing"
-        )
-        if reason is not None:
-            if main:
-                logger.info(
-                    "%s: binning for this model's panel (%d genes) with scbert.pp.bin: the bins %s",
-                    name,
-                    n_genes,
-                    reason,
-                )
-            pp_bin(item, panel=model, n_bins=model.n_bins, normalize=model.normalization, **_bin_params(info))
-        return MemorySource(item.layers[LAYER], item.var[PANEL_INDEX].to_numpy(), n_genes, name=name)
-
-    if not isinstance(item, Path) and item.is_view:
-        raise ValueError(
-            f"{name} is a view of a backed AnnData; pass the whole file, or an in-memory copy (view.to_memory())."
-        )
-    path = Path(item.filename) if not isinstance(item, Path) else item
-    file = H5adFile(path)
-    if file.n_obs == 0:
-        raise ValueError(f"{path} has no cells.")
-    reason = "are missing"
-    if LAYER in file.layers and PANEL_INDEX in file.var:
-        matrix = _FileMatrix(file, _bin_params(file.uns))
-        reason = bins_stale(file.uns, model, matrix, file.var.index, file.obs_names())
-    if reason is None:
-        return H5adSource(path, file.var[PANEL_INDEX].to_numpy(), n_genes, layer=LAYER)
-    if main:
-        logger.info(
-            "%s: its bins %s; binning each chunk on the fly with scbert.pp.bin (bin the file once and write "
-            "it again to skip this work every epoch)",
-            path.name,
-            reason,
-        )
-    return BinningH5adSource(file, model, _bin_params(file.uns))
-
-
 # ---------------------------------------------------------------------------------------------- model
 def _compact_genes(items: list[AnnData | Path], *, n_genes: int, seed: int) -> list[str]:
     """At most ``n_genes`` scBERT panel genes present in the inputs, highly variable ones (pooled sample) first, in panel order."""
@@ -265,11 +82,12 @@ def _compact_genes(items: list[AnnData | Path], *, n_genes: int, seed: int) -> l
     import scanpy as sc
 
     from .. import datasets
-    from ..pp._bin import _gene_ids, _nomenclature, expression
-    from ..pp._genes import align_genes
+    from ..data import H5adFile, bins_record, gene_ids, matrix_key, recorded_params
+    from ..pp._expression import expression
+    from ..pp._genes import align_genes, nomenclature
 
     panel = datasets.panel_genes("scbert-panglao")
-    table, _ = _nomenclature("hgnc")
+    table, _ = nomenclature("hgnc")
     per_item = max(1, _MAX_HVG_CELLS // len(items))
     parts = []
     present = np.zeros(len(panel), dtype=bool)
@@ -277,24 +95,24 @@ def _compact_genes(items: list[AnnData | Path], *, n_genes: int, seed: int) -> l
         rng = derive_rng(seed, SAMPLE, i)
         if isinstance(item, Path):
             file = H5adFile(item)
-            params = _bin_params(file.uns)
+            params = recorded_params(file.uns)
             var = file.raw_var if params.get("use_raw") else file.var
             rows = np.arange(file.n_obs)
             if file.n_obs > per_item:
                 rows = np.sort(rng.choice(file.n_obs, size=per_item, replace=False))
             if rows.size == 0:
                 raise ValueError(f"{item} has no cells.")
-            sample = ad.AnnData(X=file.rows(_matrix_key(params), rows).astype(np.float64), var=var)
+            sample = ad.AnnData(X=file.rows(matrix_key(params), rows).astype(np.float64), var=var)
             params = {k: v for k, v in params.items() if k == "gene_key"}
         else:
-            sample, params = item, _bin_params(item.uns.get("scbert"))
+            sample, params = item, recorded_params(bins_record(item))
         if sample.n_obs == 0:
-            raise ValueError(f"{_item_name(item, i, len(items))} has no cells.")
-        ids = _gene_ids(sample, params.get("gene_key"))
+            raise ValueError(f"{item_name(item, i, len(items))} has no cells.")
+        ids = gene_ids(sample, params.get("gene_key"))
         alignment = align_genes(ids, panel, nomenclature=table)
         keep = np.flatnonzero(alignment.panel_index >= 0)
         if keep.size == 0:
-            raise ValueError(f"None of the genes of {_item_name(item, i, len(items))} is in the scBERT panel.")
+            raise ValueError(f"None of the genes of {item_name(item, i, len(items))} is in the scBERT panel.")
         lin = expression(sample, max_cells=per_item, rng=rng, **params)[:, keep].tocoo()
         pos = alignment.panel_index[keep]
         present[pos] = True
@@ -439,7 +257,7 @@ def pretrain(
     lr
         Peak learning rate of AdamW; default 1e-3 for a new model, 1e-4 when continuing one.
     weight_decay
-        AdamW weight decay.
+        AdamW weight decay of the weight matrices (norms, biases and embeddings are not decayed).
     warmup
         Linear warm-up: steps, or a fraction (< 1) of the run.
     schedule
@@ -495,32 +313,15 @@ def pretrain(
     >>> model = scbert.tl.pretrain(["a.h5ad", "b.h5ad"], epochs=5, checkpoint_dir="run1")  # doctest: +SKIP
     >>> model.save("pretrained")  # doctest: +SKIP
     """
-    from ..train._pretrain import CHECKPOINT_NAME, distributed_context, load_checkpoint, pretrain_network
+    from ..train._distributed import distributed_context
+    from ..train._pretrain import pretrain_network
 
-    items = _as_items(adata)
+    loop = {k: v for k, v in locals().items() if k in _LOOP_ARGS}
+    items = as_items(adata)
     with distributed_context(device) as ctx, _main_rank_only(ctx):
-        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-        if resume and ckpt is not None and ckpt.exists():
-            state = load_checkpoint(ckpt)
-            scb = _from_checkpoint(state)
-            if ctx.is_main:
-                logger.info("Resuming from %s (the model comes from the checkpoint).", ckpt)
-            if lr is None:
-                lr = float(state["params"]["lr"])
-            del state
-            new_model = False
-        else:
-            if ckpt is not None and ckpt.exists():
-                raise FileExistsError(
-                    f"{ckpt} exists from an earlier run; pass resume=True to continue it, or another checkpoint_dir."
-                )
-            new_model = model is None or (isinstance(model, str) and model == "compact")
-            scb = _resolve(model, items, n_genes=n_genes, seed=random_state)
-            _broadcast_genes(scb, ctx)
-        if lr is None:
-            lr = 1e-3 if new_model else 1e-4
-        names = [_item_name(it, i, len(items)) for i, it in enumerate(items)]
-        sources = [_source_for(it, scb, nm, main=ctx.is_main) for it, nm in zip(items, names, strict=True)]
+        scb, loop["lr"] = _start(model, items, loop, n_genes=n_genes, ctx=ctx)
+        names = [item_name(it, i, len(items)) for i, it in enumerate(items)]
+        sources = [source_for(it, scb, nm, main=ctx.is_main) for it, nm in zip(items, names, strict=True)]
         meta = {
             "genes": scb.genes,
             "panel": scb.panel,
@@ -528,41 +329,44 @@ def pretrain(
             "normalization": scb.normalization,
             "provenance": scb.provenance,
         }
-        result = pretrain_network(
-            scb.network,
-            sources,
-            epochs=epochs,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            accumulate=accumulate,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            schedule=schedule,
-            max_grad_norm=max_grad_norm,
-            mask_prob=mask_prob,
-            replace_prob=replace_prob,
-            redraw_every=redraw_every,
-            validation_size=validation_size,
-            eval_every=eval_every,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            stop_after=stop_after,
-            chunk_size=chunk_size,
-            shuffle_buffer=shuffle_buffer,
-            gradient_checkpointing=gradient_checkpointing,
-            device=device,
-            precision=precision,
-            random_state=random_state,
-            checkpoint_meta=meta,
-            history=scb.history,
-        )
+        result = pretrain_network(scb.network, sources, **loop, checkpoint_meta=meta, history=scb.history)
     scb.history = result.history
     scb.provenance = dict(result.meta.get("provenance") or scb.provenance)
+    scb.provenance["pretraining"] = [*list(scb.provenance.get("pretraining", [])), _record(result, names)]
+    return scb
+
+
+def _start(
+    model: ScBERT | str | os.PathLike | None, items: list[Any], loop: dict[str, Any], *, n_genes: int, ctx: Any
+) -> tuple[ScBERT, float]:
+    """The model to pretrain (from the checkpoint when resuming, else ``model``) and the learning rate."""
+    from ..train._checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    checkpoint_dir, lr = loop["checkpoint_dir"], loop["lr"]
+    ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if loop["resume"] and ckpt is not None and ckpt.exists():
+        state = load_checkpoint(ckpt)
+        scb = _from_checkpoint(state)
+        if ctx.is_main:
+            logger.info("Resuming from %s (the model comes from the checkpoint).", ckpt)
+        return scb, float(state["params"]["lr"]) if lr is None else lr
+    if ckpt is not None and ckpt.exists():
+        raise FileExistsError(
+            f"{ckpt} exists from an earlier run; pass resume=True to continue it, or another checkpoint_dir."
+        )
+    new_model = model is None or (isinstance(model, str) and model == "compact")
+    scb = _resolve(model, items, n_genes=n_genes, seed=loop["random_state"])
+    _broadcast_genes(scb, ctx)
+    if lr is None:
+        lr = 1e-3 if new_model else 1e-4
+    return scb, lr
+
+
+def _record(result: Any, names: list[str]) -> dict[str, Any]:
+    """The provenance record of one pretraining run."""
     evals = [h for h in result.history if h.get("stage") == "pretrain" and "val_accuracy" in h]
-    record = {
-        "scbert_tl_version": _version(),
+    return {
+        "scbert_tl_version": __version__,
         "finished": result.finished,
         "steps": result.step,
         "total_steps": result.total_steps,
@@ -578,69 +382,3 @@ def pretrain(
         else None,
         "recorded": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    scb.provenance["pretraining"] = [*list(scb.provenance.get("pretraining", [])), record]
-    return scb
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def run_pretrain_command(args: argparse.Namespace) -> int:
-    """Run ``scbert pretrain`` from parsed arguments (the parser is in ``scbert_tl._cli``); returns the exit status.
-
-    Errors are printed, not raised.
-    """
-    from .._scbert import check_model_target
-
-    output = Path(args.out).expanduser()
-    try:
-        check_model_target(output, overwrite=args.overwrite)  # before the work, not after it
-        vs = args.validation_size
-        if vs is not None and vs >= 1:
-            if vs != int(vs):
-                raise ValueError(f"--validation-size {vs}: a count of cells must be a whole number.")
-            vs = int(vs)
-        warmup = int(args.warmup) if args.warmup >= 1 else args.warmup
-        model = pretrain(
-            list(args.inputs),
-            model=args.model,
-            epochs=args.epochs,
-            max_steps=args.max_steps,
-            batch_size=args.batch_size,
-            accumulate=args.accumulate,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            warmup=warmup,
-            schedule=args.schedule,
-            redraw_every=args.redraw_every or None,
-            validation_size=vs,
-            eval_every=args.eval_every,
-            checkpoint_dir=args.checkpoint_dir,
-            checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
-            stop_after=args.stop_after,
-            chunk_size=args.chunk_size,
-            shuffle_buffer=args.shuffle_buffer,
-            gradient_checkpointing=args.gradient_checkpointing,
-            n_genes=args.n_genes,
-            device=args.device,
-            precision=args.precision,
-            random_state=args.seed,
-        )
-        if int(os.environ.get("RANK", "0") or 0) == 0:
-            model.save(output, overwrite=args.overwrite)
-            final = model.provenance["pretraining"][-1]["final"]
-            if final:
-                print(
-                    f"held-out masked accuracy {final['val_accuracy']:.4f} (baseline {final['baseline_accuracy']:.4f}), "
-                    f"loss {final['val_loss']:.4f} (baseline {final['baseline_loss']:.4f})"
-                )
-            print(f"saved {model!r} to {output}")
-    except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:
-        print(f"scbert pretrain: error: {e}", file=sys.stderr)
-        return 1
-    return 0

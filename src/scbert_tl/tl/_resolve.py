@@ -58,11 +58,12 @@ def compact_genes(
     import scanpy as sc
 
     from .. import datasets
-    from ..pp._bin import _gene_ids, _nomenclature, expression
-    from ..pp._genes import align_genes
+    from ..data import gene_ids
+    from ..pp._expression import expression
+    from ..pp._genes import align_genes, nomenclature
 
     params = params or {}
-    ids = _gene_ids(adata, params.get("gene_key"))
+    ids = gene_ids(adata, params.get("gene_key"))
     try:
         panel_genes = datasets.panel_genes(panel)
     except OSError as e:  # never build on other genes silently: that model would give other results
@@ -70,7 +71,7 @@ def compact_genes(
             f"model='compact' takes its genes from the scBERT gene panel, which is not available: {e} "
             "Alternatively pass a model over genes of your choice: model=scbert.ScBERT.new(genes, ...)."
         ) from e
-    table, _ = _nomenclature("hgnc")
+    table, _ = nomenclature("hgnc")
     alignment = align_genes(ids, panel_genes, nomenclature=table)
     keep = np.flatnonzero(alignment.panel_index >= 0)
     names = [panel_genes[i] for i in alignment.panel_index[keep]]

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..data import class_order
 from ._evaluate import INPUT_KEYS, base_params, gene_ids, labelled, log_normalised, predict, score_row, store, summarise
-from ._finetune import class_order
 
 if TYPE_CHECKING:
     import os
@@ -32,7 +33,7 @@ def _log_normalised_copy(adata: AnnData, label_key: str, name: str, input_kwargs
     """The cells normalised to 1e4 over their own genes and ``log1p``, with the labels and the dataset name only."""
     import anndata as ad
 
-    from ..pp._bin import input_params
+    from ..data import input_params
 
     params = input_params(adata, **input_kwargs)
     out = ad.AnnData(
@@ -234,13 +235,7 @@ def dataset_transfer(
         raise ValueError(f"dataset_transfer needs at least two datasets, got {len(adatas)}.")
     if len(names) != len(adatas) or len(set(names)) != len(names):
         raise ValueError(f"names must be {len(adatas)} different names, got {names}.")
-    if reference is not None:
-        reference = [reference] if isinstance(reference, str) else [str(r) for r in reference]
-        missing = [r for r in reference if r not in names]
-        if missing or not reference:
-            raise KeyError(f"reference {missing or reference} must name datasets; the datasets are {names}.")
-        if set(reference) == set(names):
-            raise ValueError("Every dataset is a reference; leave at least one out to annotate.")
+    reference = _check_reference(reference, names)
     finetune_kwargs = dict(finetune_kwargs or {})
     input_kwargs = {k: finetune_kwargs.pop(k) for k in INPUT_KEYS if k in finetune_kwargs}
     checked = [
@@ -260,87 +255,17 @@ def dataset_transfer(
     rows: list[dict[str, Any]] = []
     training: dict[str, dict[str, Any]] = {}
     for train_names, held_out in plan:
-        if held_out in train_names:  # never
-            raise RuntimeError("The held-out dataset is in the training data.")
-        train_parts = [parts[names.index(n)] for n in train_names]
-        query = parts[names.index(held_out)]
-        query = query[query.obs[SHARED].notna().to_numpy()]
-        ref = _training_cells(train_parts, label_key)
-        own_level = len(train_parts) == 1
-        fit_key = label_key if own_level else SHARED
-        mapping = _to_shared(ref.obs[label_key].to_numpy(), ref.obs[SHARED].to_numpy(), held_out) if own_level else {}
-        truth = query.obs[SHARED].to_numpy(dtype=str)
-        train_shared = class_order(ref.obs[SHARED].astype(str).to_numpy())
-        query_types = class_order(truth)
-        scored = [t for t in train_shared if t in query_types]
-        unseen = int((~np.isin(truth, train_shared)).sum())
-        unmatched = [t for t in train_shared if t not in query_types]
-        if not scored:
-            raise ValueError(
-                f"{held_out} shares no cell type with {', '.join(train_names)} (types {query_types[:5]} against "
-                f"{train_shared[:5]}); pass label_map to map the labels to a shared level."
-            )
-        genes = _training_genes(train_parts).intersection(query.var_names, sort=False)
-        training[held_out] = {
-            "datasets": list(train_names),
-            "n_cells": int(ref.n_obs),
-            "n_genes": int(genes.size),
-            "labels": "own" if own_level else "shared",
-            "unmatched": unmatched,
-            "unseen": [t for t in query_types if t not in train_shared],
-            "label_map": {k: v for k, v in mapping.items() if v != k},
-        }
-        logger.info(
-            "dataset_transfer: %s annotated (%d cells; %d of types not in training) by methods trained on %s "
-            "(%d cells, %s labels; baselines on %d shared genes)",
-            held_out,
-            query.n_obs,
-            unseen,
-            train_names,
-            ref.n_obs,
-            "their own" if own_level else "shared",
-            genes.size,
+        setting = _setting(parts, names, train_names, held_out, label_key)
+        training[held_out] = setting.record
+        rows += _run_methods(
+            setting,
+            methods,
+            label_key,
+            model=model,
+            validation=validation,
+            finetune_kwargs=finetune_kwargs,
+            seed=rng,
         )
-        if unmatched:
-            logger.info("  training types the query lacks (predictions of them count as errors): %s", unmatched)
-        baseline_x = {}
-        if len(methods) > 1:
-            baseline_x = {
-                "ref_x": _renormalised(_labelled_cells(train_parts), genes),
-                "query_x": _renormalised([query], genes),
-            }
-        fit = ref.copy()
-        fit.obs[label_key] = fit.obs[fit_key].astype(str)
-        for method in methods:
-            pred = predict(
-                method,
-                fit,
-                query.copy(),
-                label_key,
-                genes=list(genes),
-                model=model,
-                validation=validation,
-                finetune_kwargs=finetune_kwargs,
-                seed=rng,
-                **baseline_x,
-            )
-            pred.labels, pred.confidence = _shared_prediction(pred, mapping)
-            row = score_row(
-                pred,
-                truth,
-                scored,
-                method=method,
-                held_out=held_out,
-                reference="+".join(train_names),
-                n_train=int(ref.n_obs),
-                n_test=int(query.n_obs),
-                n_unseen=unseen,
-                n_unmatched=int(np.isin(pred.labels, unmatched).sum()),
-            )
-            rows.append(row)
-            logger.info(
-                "  %s: accuracy %.3f, macro F1 %.3f, ECE %.3f", method, row["accuracy"], row["macro_f1"], row["ece"]
-            )
     frame = pd.DataFrame(rows)
     params = base_params(
         checked[0],
@@ -357,6 +282,132 @@ def dataset_transfer(
     for a in adatas:
         store(a, key_added, frame, params, summary=summarise(frame, ["method"]), training=training)
     return frame
+
+
+def _check_reference(reference: str | Sequence[str] | None, names: list[str]) -> list[str] | None:
+    if reference is None:
+        return None
+    reference = [reference] if isinstance(reference, str) else [str(r) for r in reference]
+    missing = [r for r in reference if r not in names]
+    if missing or not reference:
+        raise KeyError(f"reference {missing or reference} must name datasets; the datasets are {names}.")
+    if set(reference) == set(names):
+        raise ValueError("Every dataset is a reference; leave at least one out to annotate.")
+    return reference
+
+
+@dataclass
+class _Setting:
+    """One transfer: the training datasets' cells, the held-out dataset's, and how their labels meet."""
+
+    train_names: list[str]
+    held_out: str
+    train_parts: list[AnnData]
+    ref: AnnData
+    query: AnnData
+    fit_key: str
+    mapping: dict[str, str]
+    truth: np.ndarray
+    scored: list[str]
+    unseen: int
+    unmatched: list[str]
+    genes: pd.Index
+    record: dict[str, Any]
+
+
+def _setting(parts: list[AnnData], names: list[str], train_names: list[str], held_out: str, label_key: str) -> _Setting:
+    """Cells, labels and genes of training on ``train_names`` and annotating ``held_out`` (logged)."""
+    if held_out in train_names:  # never
+        raise RuntimeError("The held-out dataset is in the training data.")
+    train_parts = [parts[names.index(n)] for n in train_names]
+    query = parts[names.index(held_out)]
+    query = query[query.obs[SHARED].notna().to_numpy()]
+    ref = _training_cells(train_parts, label_key)
+    own_level = len(train_parts) == 1
+    mapping = _to_shared(ref.obs[label_key].to_numpy(), ref.obs[SHARED].to_numpy(), held_out) if own_level else {}
+    truth = query.obs[SHARED].to_numpy(dtype=str)
+    train_shared = class_order(ref.obs[SHARED].astype(str).to_numpy())
+    query_types = class_order(truth)
+    scored = [t for t in train_shared if t in query_types]
+    unseen = int((~np.isin(truth, train_shared)).sum())
+    unmatched = [t for t in train_shared if t not in query_types]
+    if not scored:
+        raise ValueError(
+            f"{held_out} shares no cell type with {', '.join(train_names)} (types {query_types[:5]} against "
+            f"{train_shared[:5]}); pass label_map to map the labels to a shared level."
+        )
+    genes = _training_genes(train_parts).intersection(query.var_names, sort=False)
+    record = {
+        "datasets": list(train_names),
+        "n_cells": int(ref.n_obs),
+        "n_genes": int(genes.size),
+        "labels": "own" if own_level else "shared",
+        "unmatched": unmatched,
+        "unseen": [t for t in query_types if t not in train_shared],
+        "label_map": {k: v for k, v in mapping.items() if v != k},
+    }
+    logger.info(
+        "dataset_transfer: %s annotated (%d cells; %d of types not in training) by methods trained on %s "
+        "(%d cells, %s labels; baselines on %d shared genes)",
+        held_out,
+        query.n_obs,
+        unseen,
+        train_names,
+        ref.n_obs,
+        "their own" if own_level else "shared",
+        genes.size,
+    )
+    if unmatched:
+        logger.info("  training types the query lacks (predictions of them count as errors): %s", unmatched)
+    fit_key = label_key if own_level else SHARED
+    return _Setting(
+        list(train_names),
+        held_out,
+        train_parts,
+        ref,
+        query,
+        fit_key,
+        mapping,
+        truth,
+        scored,
+        unseen,
+        unmatched,
+        genes,
+        record,
+    )
+
+
+def _run_methods(s: _Setting, methods: list[str], label_key: str, **fit: Any) -> list[dict[str, Any]]:
+    """Train every method on the setting's training cells, predict the held-out cells, and score them."""
+    baseline_x = {}
+    if len(methods) > 1:
+        baseline_x = {
+            "ref_x": _renormalised(_labelled_cells(s.train_parts), s.genes),
+            "query_x": _renormalised([s.query], s.genes),
+        }
+    train = s.ref.copy()
+    train.obs[label_key] = train.obs[s.fit_key].astype(str)
+    rows = []
+    for method in methods:
+        pred = predict(method, train, s.query.copy(), label_key, genes=list(s.genes), **fit, **baseline_x)
+        pred.labels, pred.confidence = _shared_prediction(pred, s.mapping)
+        row = score_row(
+            pred,
+            s.truth,
+            s.scored,
+            method=method,
+            held_out=s.held_out,
+            reference="+".join(s.train_names),
+            n_train=int(s.ref.n_obs),
+            n_test=int(s.query.n_obs),
+            n_unseen=s.unseen,
+            n_unmatched=int(np.isin(pred.labels, s.unmatched).sum()),
+        )
+        rows.append(row)
+        logger.info(
+            "  %s: accuracy %.3f, macro F1 %.3f, ECE %.3f", method, row["accuracy"], row["macro_f1"], row["ece"]
+        )
+    return rows
 
 
 def _training_cells(parts: list[AnnData], label_key: str) -> AnnData:

@@ -18,8 +18,8 @@ from ._inference import run_batches
 if TYPE_CHECKING:
     import torch
 
+    from ..data import TokenMatrix
     from ..model import ScBERTNetwork
-    from ._data import TokenMatrix
 
 logger = logging.getLogger(__name__)
 

@@ -14,15 +14,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._metrics import macro_f1
 from .._settings import settings
 from ._augment import detection_rank, gene_mask
-from ._data import batch_indices
-from ._inference import autocast, run_batches
+from ._inference import autocast, batch_indices, run_batches
+from ._plan import TrainingPlan, parameter_groups, warmup_steps
 from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
+    from ..data import TokenMatrix
     from ..model import ScBERTNetwork
-    from ._data import TokenMatrix
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +85,6 @@ def set_trainable(network: ScBERTNetwork, trainable: Trainable) -> int:
     return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
-    """Macro-averaged F1 over the classes present in ``y_true`` or ``y_pred`` (as scikit-learn)."""
-    f1s = []
-    for c in range(n_classes):
-        tp = np.sum((y_pred == c) & (y_true == c))
-        fp = np.sum((y_pred == c) & (y_true != c))
-        fn = np.sum((y_pred != c) & (y_true == c))
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else 0.0
-
-
 def _logits(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
     return network(x)
 
@@ -120,8 +108,87 @@ def evaluate(
     return {
         "loss": float(loss),
         "accuracy": float((pred == y).mean()),
-        "macro_f1": macro_f1(y, pred, logits.shape[1]),
+        "macro_f1": macro_f1(y, pred),
     }
+
+
+def class_weights(
+    labels: np.ndarray, train_rows: np.ndarray, n_classes: int, class_weight: str | None, device: torch.device
+) -> torch.Tensor | None:
+    """Per-class loss weights: ``"balanced"`` (inverse frequency in the training cells, 0 for absent classes) or None."""
+    if class_weight != "balanced":
+        return None
+    counts = np.bincount(labels[train_rows], minlength=n_classes)
+    w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
+
+
+def _plan(
+    network: ScBERTNetwork, o: FinetuneOptions, n_train: int, device: torch.device, dtype: torch.dtype
+) -> TrainingPlan:
+    """AdamW over the trainable parameters (no decay on norms, biases, embeddings), warm-up then cosine decay to 0."""
+    steps_per_epoch = math.ceil(n_train / (o.batch_size * o.accumulate))
+    total = steps_per_epoch * o.epochs
+    return TrainingPlan(
+        parameter_groups(network, o.weight_decay),
+        lr=o.lr,
+        weight_decay=o.weight_decay,
+        total_steps=total,
+        warmup_steps=warmup_steps(o.warmup, total),
+        device=device,
+        dtype=dtype,
+    )
+
+
+@dataclass
+class _Epochs:
+    """What one epoch of fine-tuning needs besides the network and the data (built once per run)."""
+
+    plan: TrainingPlan
+    loss_fn: nn.Module
+    weight: torch.Tensor | None
+    rng: np.random.Generator
+    augment: torch.Generator
+    rank: np.ndarray | None
+    labels: torch.Tensor
+
+
+def _train_epoch(
+    network: ScBERTNetwork,
+    tokens: TokenMatrix,
+    train_rows: np.ndarray,
+    o: FinetuneOptions,
+    e: _Epochs,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> float:
+    """One pass over the training cells, in shuffled steps of ``batch_size * accumulate``; the mean training loss."""
+    network.train()
+    seen, loss_sum = 0, 0.0
+    step_rows = o.batch_size * o.accumulate
+    for group in batch_indices(train_rows, step_rows, shuffle=True, rng=e.rng):
+        e.plan.zero_grad()
+        # drawn for the whole step, so that accumulation does not change which genes are hidden
+        hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, e.augment, e.rank)
+        for start in range(0, len(group), o.batch_size):
+            micro = group[start : start + o.batch_size]
+            x = torch.from_numpy(tokens.dense(micro))
+            if hidden is not None:
+                x = x.masked_fill(hidden[start : start + len(micro)], network.config.mask_token)
+            x = x.to(device, non_blocking=True)
+            y = e.labels[micro].to(device)
+            with autocast(device, dtype):
+                logits = network(x)
+            loss = e.loss_fn(logits.float(), y)
+            # a weighted sum divided by the step's total weight: one big batch, however it is split
+            denom = e.weight[e.labels[group].to(device)].sum() if e.weight is not None else float(len(group))
+            e.plan.backward(loss / denom)
+            loss_sum += float(loss.detach())
+            seen += float(denom)
+        e.plan.step()
+        e.plan.scheduler.step()
+    return loss_sum / max(seen, 1.0)
 
 
 def fit_classifier(
@@ -147,31 +214,19 @@ def fit_classifier(
     The history, one dict per epoch; ``network`` holds the selected weights on return.
     """
     o = options
-    n_classes = network.config.n_classes
-    counts = np.bincount(labels[train_rows], minlength=n_classes)
-    weight = None
-    if o.class_weight == "balanced":
-        w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
-        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    weight = class_weights(labels, train_rows, network.config.n_classes, o.class_weight, device)
     n_trainable = set_trainable(network, o.trainable)
     network.to(device)
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    steps_per_epoch = math.ceil(len(train_rows) / (o.batch_size * o.accumulate))
-    total = steps_per_epoch * o.epochs
-    warmup = max(1, int(o.warmup * total))
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum")
-    rng = np.random.default_rng(o.seed)
-    augment = torch.Generator().manual_seed(o.seed)
-    rank = detection_rank(tokens.csr[train_rows]) if o.mask_genes > 0 else None
-    labels_t = torch.from_numpy(labels)
+    plan = _plan(network, o, len(train_rows), device, dtype)
+    e = _Epochs(
+        plan,
+        nn.CrossEntropyLoss(weight=weight, reduction="sum"),
+        weight,
+        np.random.default_rng(o.seed),
+        torch.Generator().manual_seed(o.seed),
+        detection_rank(tokens.csr[train_rows]) if o.mask_genes > 0 else None,
+        torch.from_numpy(labels),
+    )
     logger.info(
         "Fine-tuning %d trainable parameters (%s) on %d cells, selecting on %d validation cells, %s on %s",
         n_trainable,
@@ -187,36 +242,8 @@ def fit_classifier(
         bar = tqdm(total=o.epochs, desc="finetune", unit="epoch", disable=not settings.progress)
         for epoch in range(1, o.epochs + 1):
             t0 = time.perf_counter()
-            network.train()
-            seen, loss_sum = 0, 0.0
-            step_rows = o.batch_size * o.accumulate
-            for group in batch_indices(train_rows, step_rows, shuffle=True, rng=rng):
-                optimizer.zero_grad(set_to_none=True)
-                # drawn for the whole step, so that accumulation does not change which genes are hidden
-                hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, augment, rank)
-                for start in range(0, len(group), o.batch_size):
-                    micro = group[start : start + o.batch_size]
-                    x = tokens.tokens(micro)
-                    if hidden is not None:
-                        x = x.masked_fill(hidden[start : start + len(micro)], network.config.mask_token)
-                    x = x.to(device, non_blocking=True)
-                    y = labels_t[micro].to(device)
-                    with autocast(device, dtype):
-                        logits = network(x)
-                    loss = loss_fn(logits.float(), y)
-                    # a weighted sum divided by the step's total weight: one big batch, however it is split
-                    denom = weight[labels_t[group].to(device)].sum() if weight is not None else float(len(group))
-                    (loss / denom).backward()
-                    loss_sum += float(loss.detach())
-                    seen += float(denom)
-                optimizer.step()
-                scheduler.step()
-            record = {
-                "stage": "finetune",
-                "epoch": epoch,
-                "train_loss": loss_sum / max(seen, 1.0),
-                "lr": scheduler.get_last_lr()[0],
-            }
+            train_loss = _train_epoch(network, tokens, train_rows, o, e, device=device, dtype=dtype)
+            record = {"stage": "finetune", "epoch": epoch, "train_loss": train_loss, "lr": plan.lr}
             if len(val_rows):
                 val = evaluate(
                     network, tokens, labels, val_rows, batch_size=max(o.batch_size, 64), device=device, weight=weight
@@ -232,19 +259,26 @@ def fit_classifier(
                 best_state = copy.deepcopy({k: v.detach().clone() for k, v in network.state_dict().items()})
             else:
                 stale += 1
-            bar.set_postfix(
-                {
-                    k: f"{v:.3f}"
-                    for k, v in record.items()
-                    if k in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1")
-                }
-            )
+            shown = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in shown})
             bar.update(1)
             logger.debug("epoch %d: %s", epoch, record)
             if stale >= o.patience:
                 logger.info("Early stop after epoch %d: no validation improvement for %d epochs", epoch, o.patience)
                 break
     bar.close()
+    _finish(network, history, best_state, best_epoch, o.select_on)
+    return history
+
+
+def _finish(
+    network: ScBERTNetwork,
+    history: list[dict[str, float]],
+    best_state: dict[str, torch.Tensor] | None,
+    best_epoch: int,
+    select_on: str,
+) -> None:
+    """Warn when nothing was learnt, load the selected epoch's weights, mark it, and restore the trainable defaults."""
     if len(history) > 1 and history[-1]["train_loss"] > 0.95 * history[0]["train_loss"]:
         logger.warning(
             "The training loss barely fell (%.3f -> %.3f): the classifier did not learn. Try another lr, more "
@@ -260,8 +294,7 @@ def fit_classifier(
         p.requires_grad_(True)
     network.gene_emb.weight.requires_grad_(network.config.gene_emb_trainable)
     network.eval()
-    logger.info("Selected epoch %d of %d on validation %s", best_epoch, len(history), o.select_on)
-    return history
+    logger.info("Selected epoch %d of %d on validation %s", best_epoch, len(history), select_on)
 
 
 def options_dict(options: FinetuneOptions) -> dict:

@@ -15,14 +15,26 @@ import torch
 from tqdm.auto import tqdm
 
 from .._settings import settings
-from ._data import batch_indices
 from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
+    from ..data import TokenMatrix
     from ..model import ScBERTConfig, ScBERTNetwork
-    from ._data import TokenMatrix
+
+
+def batch_indices(
+    n: int | np.ndarray, batch_size: int, *, shuffle: bool = False, rng: np.random.Generator | None = None
+) -> Iterator[np.ndarray]:
+    """Yield index arrays of at most ``batch_size`` cells, in order or shuffled by ``rng``."""
+    idx = np.arange(n) if np.isscalar(n) else np.asarray(n)
+    if shuffle:
+        if rng is None:
+            raise ValueError("shuffle=True needs an rng.")
+        idx = rng.permutation(idx)
+    for start in range(0, idx.size, batch_size):
+        yield idx[start : start + batch_size]
 
 
 #: Activation memory of one inference batch on CPU (about 30 cells of the compact model, one of the full).
@@ -145,7 +157,7 @@ def run_batches(
     bar = tqdm(total=rows.size, desc=desc, unit="cells", disable=not settings.progress or rows.size <= batch_size)
 
     def load(idx: np.ndarray) -> torch.Tensor:
-        x = tokens.tokens(idx)
+        x = torch.from_numpy(tokens.dense(idx))
         if dev.type == "cuda":
             x = x.pin_memory().to(dev, non_blocking=True)
         return x

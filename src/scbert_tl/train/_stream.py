@@ -1,8 +1,7 @@
-"""Cells streamed from sparse bins in bounded memory: token sources, and a seeded plan of shards, epochs and batches.
+"""Cells streamed from sparse bins in bounded memory: a seeded plan of shards, epochs and batches.
 
-A *source* is anything that returns rows of cells as a CSR matrix of int8 tokens in panel order
-(:class:`TokenSource`): an in-memory bins matrix (:class:`MemorySource`) or the bins layer of an
-``.h5ad`` file read in row ranges (:class:`H5adSource`). A :class:`StreamPlan` cuts the sources
+The sources (:class:`~scbert_tl.data.TokenSource`) return rows of cells as CSR int8 tokens in
+panel order; they live in :mod:`scbert_tl.data`. A :class:`StreamPlan` cuts the sources
 into chunks of rows, holds out a seeded set of validation cells, gives each process of a
 distributed run its own shard of chunks, and streams shuffled batches: per epoch the shard's
 chunks are put in a random order, read a few at a time (a "block" of ``shuffle_buffer`` chunks),
@@ -19,15 +18,15 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
 
 if TYPE_CHECKING:
-    import os
     from collections.abc import Iterator, Sequence
+
+    from ..data import TokenSource
 
 logger = logging.getLogger(__name__)
 
@@ -52,207 +51,6 @@ def derive_rng(seed: int, *key: int) -> np.random.Generator:
 def derive_int(seed: int, *key: int) -> int:
     """A 63-bit integer seed (e.g. for :meth:`torch.Generator.manual_seed`) for the stream ``key``."""
     return int(derive_seed(seed, *key).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-# ---------------------------------------------------------------------------------------------- sources
-def to_panel_csr(block: sp.spmatrix | np.ndarray, col_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
-    """Rows of user-gene bins to CSR int8 tokens in panel order (explicit zeros dropped, indices sorted).
-
-    Parameters
-    ----------
-    block
-        ``(cells, user genes)`` bins.
-    col_map
-        For each user gene, its panel position or -1 (not in the panel). Non-negative entries are unique.
-    n_genes
-        Panel size.
-    """
-    csr = sp.csr_matrix(block)
-    keep = col_map >= 0
-    if keep.all() and col_map.size == n_genes and np.array_equal(col_map, np.arange(n_genes)):
-        out = sp.csr_matrix((csr.data.astype(np.int8), csr.indices, csr.indptr), shape=(csr.shape[0], n_genes))
-    else:
-        sub = csr[:, np.flatnonzero(keep)]
-        cols = col_map[keep]
-        out = sp.csr_matrix(
-            (sub.data.astype(np.int8), cols[sub.indices], sub.indptr), shape=(sub.shape[0], n_genes), copy=False
-        )
-    out.eliminate_zeros()
-    out.sort_indices()
-    return out
-
-
-def check_col_map(col_map: np.ndarray, n_user_genes: int, n_genes: int, name: str) -> np.ndarray:
-    """Validate a user-gene -> panel-position map; returns it as int64."""
-    col_map = np.asarray(col_map, dtype=np.int64).ravel()
-    if col_map.size != n_user_genes:
-        raise ValueError(f"{name}: the bins have {n_user_genes} genes but the panel index has {col_map.size} entries.")
-    cols = col_map[col_map >= 0]
-    if cols.size == 0:
-        raise ValueError(f"{name}: none of its genes are in the model's panel; nothing to train on.")
-    if cols.max() >= n_genes:
-        raise ValueError(f"{name}: the panel index points past the panel ({n_genes} genes); run scbert.pp.bin again.")
-    if np.unique(cols).size != cols.size:
-        raise ValueError(f"{name}: two genes map to the same panel position; run scbert.pp.bin again.")
-    return col_map
-
-
-class TokenSource:
-    """Cells x panel tokens that can be read by row ranges (the interface the pretraining loop consumes).
-
-    Subclasses set ``name``, ``n_cells`` and ``n_genes`` and implement :meth:`read`; :meth:`take` and
-    :meth:`close` have working defaults. Rows come back as CSR int8 tokens in panel order, with no
-    explicit zeros and sorted indices (:func:`to_panel_csr` makes that from any bins matrix).
-    """
-
-    name: str = "source"
-    n_cells: int = 0
-    n_genes: int = 0
-
-    def read(self, start: int, stop: int) -> sp.csr_matrix:
-        """Cells ``start:stop`` (local row numbers)."""
-        raise NotImplementedError
-
-    def take(self, rows: np.ndarray) -> sp.csr_matrix:
-        """The cells at sorted local row numbers ``rows``."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            return sp.csr_matrix((0, self.n_genes), dtype=np.int8)
-        return self.read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
-
-    def close(self) -> None:
-        """Release open files (the source stays usable and reopens on demand)."""
-
-    def __len__(self) -> int:
-        return self.n_cells
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.n_cells} cells, {self.n_genes} panel genes)"
-
-
-class MemorySource(TokenSource):
-    """Bins held in memory (e.g. ``adata.layers["scbert_bins"]``), converted to panel order one chunk at a time.
-
-    Parameters
-    ----------
-    bins
-        ``(cells, user genes)`` bins, sparse or dense.
-    col_map
-        Each user gene's panel position, or -1; ``None`` when the columns already are the panel.
-    n_genes
-        Panel size (defaults to the number of columns when ``col_map`` is None).
-    name
-        A name for messages and provenance.
-    """
-
-    def __init__(
-        self,
-        bins: sp.spmatrix | np.ndarray,
-        col_map: np.ndarray | None = None,
-        n_genes: int | None = None,
-        *,
-        name: str = "adata",
-    ) -> None:
-        if sp.issparse(bins) and not isinstance(bins, sp.csr_matrix | sp.csr_array):
-            bins = sp.csr_matrix(bins)  # row slicing of CSC/COO would be slow
-        self.bins = bins
-        self.n_genes = int(bins.shape[1] if n_genes is None else n_genes)
-        if col_map is None:
-            col_map = np.arange(bins.shape[1])
-        self.col_map = check_col_map(col_map, bins.shape[1], self.n_genes, name)
-        self.n_cells = int(bins.shape[0])
-        self.name = name
-
-    def read(self, start: int, stop: int) -> sp.csr_matrix:
-        """Cells ``start:stop``."""
-        return to_panel_csr(self.bins[start:stop], self.col_map, self.n_genes)
-
-    def take(self, rows: np.ndarray) -> sp.csr_matrix:
-        """Cells at ``rows``."""
-        return to_panel_csr(self.bins[np.asarray(rows, dtype=np.int64)], self.col_map, self.n_genes)
-
-
-class H5adSource(TokenSource):
-    """A bins layer read straight from an ``.h5ad`` file, a range of rows at a time (never the whole layer).
-
-    :func:`anndata.read_h5ad` with ``backed="r"`` keeps only ``X`` on disk and loads layers into
-    memory; this reads ``layers/<layer>`` with :func:`anndata.io.sparse_dataset` instead. The file
-    is opened on the first read and kept open until :meth:`close`.
-
-    Parameters
-    ----------
-    path
-        The ``.h5ad`` file.
-    col_map
-        Each user gene's panel position, or -1.
-    n_genes
-        Panel size.
-    layer
-        The bins layer.
-    """
-
-    def __init__(self, path: str | os.PathLike, col_map: np.ndarray, n_genes: int, *, layer: str = "scbert_bins"):
-        import h5py
-
-        self.path = Path(path)
-        self.layer = layer
-        self.name = self.path.name
-        self.n_genes = int(n_genes)
-        self._file = None
-        self._ds = None
-        with h5py.File(self.path, "r") as f:
-            key = f"layers/{layer}"
-            if key not in f:
-                raise KeyError(f"{self.path} has no layers[{layer!r}]; run scbert.pp.bin on it and write it again.")
-            node = f[key]
-            if isinstance(node, h5py.Dataset):
-                shape = node.shape
-            else:
-                enc = node.attrs.get("encoding-type", "")
-                if enc != "csr_matrix":
-                    raise ValueError(
-                        f"{self.path}: layers[{layer!r}] is stored as {enc or 'an unknown encoding'}; row-wise "
-                        "streaming needs CSR (scbert.pp.bin writes CSR)."
-                    )
-                shape = tuple(int(s) for s in node.attrs["shape"])
-        self.n_cells = int(shape[0])
-        self.col_map = check_col_map(col_map, int(shape[1]), self.n_genes, self.name)
-
-    def _dataset(self):
-        if self._ds is None:
-            import h5py
-
-            self._file = h5py.File(self.path, "r")
-            node = self._file[f"layers/{self.layer}"]
-            if isinstance(node, h5py.Dataset):
-                self._ds = node
-            else:
-                from anndata.io import sparse_dataset
-
-                self._ds = sparse_dataset(node)
-        return self._ds
-
-    def read(self, start: int, stop: int) -> sp.csr_matrix:
-        """Cells ``start:stop``, read from disk."""
-        return to_panel_csr(self._dataset()[start:stop], self.col_map, self.n_genes)
-
-    def take(self, rows: np.ndarray) -> sp.csr_matrix:
-        """Cells at sorted ``rows``, read from disk."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size == 0:
-            return sp.csr_matrix((0, self.n_genes), dtype=np.int8)
-        return to_panel_csr(self._dataset()[rows], self.col_map, self.n_genes)
-
-    def close(self) -> None:
-        """Close the file."""
-        if self._file is not None:
-            self._file.close()
-        self._file = self._ds = None
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_file"] = state["_ds"] = None
-        return state
 
 
 # ---------------------------------------------------------------------------------------------- plan

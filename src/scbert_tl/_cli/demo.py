@@ -5,11 +5,38 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from ._common import compute_options
+
+if TYPE_CHECKING:
+    import argparse
 
 logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the command and its options."""
+    p = sub.add_parser(
+        "demo",
+        help="fine-tune a compact model on scanpy's pbmc68k_reduced and annotate held-out cells",
+        description="Fine-tune a compact scBERT on 80% of scanpy's bundled pbmc68k_reduced, annotate the other "
+        "20%, compare with L1 logistic regression, and write an h5ad, a figure, the model and results.json.",
+    )
+    p.add_argument("--out", type=Path, default=Path("scbert_demo"), metavar="DIR", help="output folder")
+    p.add_argument("--epochs", type=int, default=15, help="maximum fine-tuning epochs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the 80/20 split and of the training")
+    compute_options(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command; returns the exit status."""
+    from .._paths import check_writable
+
+    check_writable(args.out)  # before the work, not after it
+    run_demo(args.out, epochs=args.epochs, seed=args.seed)
+    return 0
 
 
 def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0) -> dict[str, Any]:
@@ -35,13 +62,15 @@ def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0
     import json
 
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import scanpy as sc
 
-    from . import tl
-    from .tl._evaluate import l1_logistic, scores
-    from .tl._finetune import stratified_split
+    from .. import tl
+    from .._metrics import scores
+    from ..tl._evaluate import l1_logistic
+    from ..tl._finetune import stratified_split
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -105,7 +134,7 @@ def _figure(query: Any, palette: dict[str, str], path: Path) -> None:
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    from . import pl
+    from .. import pl
 
     fig = plt.figure(figsize=(11, 11), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1, 1.25])

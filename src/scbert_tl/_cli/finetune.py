@@ -1,0 +1,78 @@
+"""``scbert finetune``: train a cell type classifier on a labelled ``.h5ad`` and save the model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._common import DEFAULT_MODEL, MODEL_HELP, compute_options, input_options, read_h5ad
+
+if TYPE_CHECKING:
+    import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the command and its options."""
+    p = sub.add_parser(
+        "finetune",
+        help="train a cell type classifier on a labelled .h5ad",
+        description="Train a cell type classifier on labelled cells and save the model folder. By default it "
+        "starts from a new compact model, which runs offline on a laptop CPU; --model scbert-panglao starts "
+        "from the published weights (a download; a GPU advisable).",
+    )
+    p.add_argument("input", type=Path, metavar="IN.h5ad", help="labelled cells")
+    p.add_argument("--label-key", required=True, help="obs column with the cell types")
+    p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument(
+        "--validation",
+        type=float,
+        default=0.1,
+        help="share of cells held out (stratified) to select the epoch and calibrate; not a test score",
+    )
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: 8 for a new model, 20 from trained weights)")
+    p.add_argument("--batch-size", type=int, default=32, help="cells per training step")
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (default: 0.001 for a new model, 0.0001 from trained weights)"
+    )
+    p.add_argument(
+        "--trainable",
+        choices=["all", "original", "head"],
+        help="weights trained: all, original (the published scheme: head, final norm, second-to-last block) or "
+        "head (default: all for a new model, original from trained weights)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the shuffling and new weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    input_options(p)
+    compute_options(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the command; returns the exit status."""
+    from .. import tl
+    from .._paths import check_model_target
+
+    check_model_target(args.out.expanduser(), overwrite=args.overwrite)  # before the work, not after it
+    adata = read_h5ad(args.input)
+    model = tl.finetune(
+        adata,
+        args.label_key,
+        model=args.model,
+        validation=args.validation,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        trainable=args.trainable,
+        rng=args.seed,
+        gene_key=args.gene_key,
+        layer=args.layer,
+        use_raw=args.use_raw,
+    )
+    model.save(args.out, overwrite=args.overwrite)
+    v = model.provenance["validation"]
+    print(
+        f"Saved {model!r} to {args.out} (selected epoch {model.provenance['selected_epoch']}: validation "
+        f"accuracy {v.get('accuracy', float('nan')):.3f}, macro F1 {v.get('macro_f1', float('nan')):.3f})"
+    )
+    return 0

@@ -1,0 +1,56 @@
+"""Where scBERT's data lives in AnnData objects and ``.h5ad`` files (internal; no public API).
+
+The slot names (:mod:`~scbert_tl.data._slots`), the record :func:`scbert_tl.pp.bin` leaves and the
+one check of whether bins are current (:mod:`~scbert_tl.data._record`), the input a tool reads
+(:mod:`~scbert_tl.data._inputs`), tokens in a model's panel order (:mod:`~scbert_tl.data._tokens`)
+and ``.h5ad`` files read a part at a time (:mod:`~scbert_tl.data._h5ad`). This layer bins nothing
+itself (that is :mod:`scbert_tl.pp`) and holds no network code (that is :mod:`scbert_tl.train`).
+"""
+
+from ._h5ad import FileMatrix, H5adFile, H5adSource
+from ._inputs import gene_ids, in_memory, matrix, matrix_key, rows
+from ._labels import class_order
+from ._record import (
+    bins_record,
+    bins_stale,
+    find_bins,
+    input_fingerprint,
+    input_params,
+    panel_checksum,
+    recorded_input,
+    recorded_params,
+    write_bins,
+)
+from ._slots import DEFAULT_KEY, INPUT_KEYS, LAYER, PANEL_INDEX, UNKNOWN
+from ._tokens import MemorySource, TokenMatrix, TokenSource, check_col_map, to_panel_csr
+
+__all__ = [
+    "DEFAULT_KEY",
+    "INPUT_KEYS",
+    "LAYER",
+    "PANEL_INDEX",
+    "UNKNOWN",
+    "FileMatrix",
+    "H5adFile",
+    "H5adSource",
+    "MemorySource",
+    "TokenMatrix",
+    "TokenSource",
+    "bins_record",
+    "bins_stale",
+    "check_col_map",
+    "class_order",
+    "find_bins",
+    "gene_ids",
+    "in_memory",
+    "input_fingerprint",
+    "input_params",
+    "matrix",
+    "matrix_key",
+    "panel_checksum",
+    "recorded_input",
+    "recorded_params",
+    "rows",
+    "to_panel_csr",
+    "write_bins",
+]
