@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 #: The compact configuration: a CPU-sized scBERT trained from scratch (``model="compact"``). Width 32 (two heads
 #: of 16) costs a third of width 64 per cell at the same accuracy; 9 expression bins (cap at 2^9 - 1 per 1e4
-#: instead of 31) resolve highly expressed genes that 5 bins lump together.
+#: instead of 31) resolve highly expressed genes that 5 bins lump together. Dropout 0.3 in the classifier head
+#: (an MLP over one value per gene, most of the parameters) scored higher than 0.1 on held-out PBMC3k cells.
 COMPACT = {
     "dim": 32,
     "depth": 2,
@@ -30,7 +31,7 @@ COMPACT = {
     "ff_mult": 4,
     "n_bins": 9,
     "classifier_hidden": (256, 64),
-    "classifier_dropout": 0.1,
+    "classifier_dropout": 0.3,
 }
 COMPACT_GENES = 2000
 #: Fine-tuning defaults of a new model (``tl.finetune``): few epochs (the cosine schedule ends with them), and

@@ -44,7 +44,6 @@ class FinetuneOptions:
     trainable: Trainable = "all"
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
     mask_genes: float = 0.0
-    label_smoothing: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,8 +58,6 @@ class FinetuneOptions:
             raise ValueError(f"select_on must be 'macro_f1', 'accuracy' or 'loss', got {self.select_on!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}.")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
         if not 0 <= self.mask_genes <= 1:
             raise ValueError(f"mask_genes must be a share of the genes in [0, 1], got {self.mask_genes}.")
 
@@ -170,7 +167,7 @@ def fit_classifier(
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum", label_smoothing=o.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, reduction="sum")
     rng = np.random.default_rng(o.seed)
     augment = torch.Generator().manual_seed(o.seed)
     rank = detection_rank(tokens.csr[train_rows]) if o.mask_genes > 0 else None
