@@ -300,6 +300,29 @@ def test_transfer_scores_a_query_labelled_at_another_level(monkeypatch, tmp_path
         scbert.tl.dataset_transfer({"ref": ref, "query": query}, "cell_type", reference="atlas", baselines=())
 
 
+def test_transfer_gives_a_new_compact_model_the_query_genes(monkeypatch):
+    ref = _labelled_counts(["A"] * 4 + ["B"] * 4, "ref", n_genes=30)
+    query = _labelled_counts(["A", "B"], "query", n_genes=20, seed=1)
+    seen = {}
+
+    def stub(method, fit, q, label_key, **kwargs):
+        seen[(kwargs["model"], method)] = kwargs["finetune_kwargs"].get("genes_measured_in")
+        labels = fit.obs[label_key].astype(str).to_numpy()[: q.n_obs]
+        return _evaluate.Prediction(labels, np.ones(q.n_obs), 0.0)
+
+    monkeypatch.setattr(_transfer, "predict", stub)
+    data = {"ref": ref, "query": query}
+    scbert.tl.dataset_transfer(data, "cell_type", reference="ref", baselines=())
+    assert seen[("compact", "scbert")] == list(query.var_names)  # the query's 20 genes, not the reference's 30
+    assert query.uns["scbert_transfer"]["params"]["query_genes"] is True
+    scbert.tl.dataset_transfer(data, "cell_type", reference="ref", baselines=(), query_genes=False)
+    assert seen[("compact", "scbert")] is None
+    scbert.tl.dataset_transfer(data, "cell_type", reference="ref", baselines=(), model="trained-model")
+    assert seen[("trained-model", "scbert")] is None  # a model with its own genes
+    with pytest.raises(ValueError, match="genes_measured_in"):
+        scbert.tl.dataset_transfer(data, "cell_type", reference="ref", finetune_kwargs={"genes_measured_in": ["G0"]})
+
+
 def test_transfer_pools_references_at_the_shared_level_of_an_obs_column(monkeypatch, tmp_path):
     a = _labelled_counts(["A1", "A2", "B", "B"], "a")
     a.obs["lineage"] = ["A", "A", "B", np.nan]  # the last cell is left out

@@ -156,6 +156,31 @@ def test_a_query_missing_most_model_genes_reads_them_as_unknown(finetuned, split
     assert masked >= full - 0.1, (full, masked)  # measured: 0.811 with all genes, 0.775 with 111 of 300
 
 
+def test_a_compact_model_can_take_its_genes_among_those_a_query_measures(split, caplog):
+    from scbert_tl.tl._resolve import compact_genes
+
+    ref, query = split
+    detected = np.asarray((query.X > 0).sum(0)).ravel()
+    reduced = query[:, np.sort(np.argsort(-detected, kind="stable")[:5000])].copy()  # its most detected genes
+    anywhere = compact_genes(ref)
+    assert len(set(anywhere) - set(reduced.var_names)) > 100  # without the query, many genes it lacks
+    model = scbert.tl.finetune(
+        ref.copy(), "cell_type", model="compact", genes_measured_in=reduced, epochs=1, split_key=None
+    )
+    assert set(model.genes) <= set(reduced.var_names) and len(model.genes) == 2000
+    assert model.genes == compact_genes(ref, measured=list(reduced.var_names))
+    assert model.provenance["genes_measured_in"] == reduced.n_vars
+    with caplog.at_level("WARNING"):
+        out = scbert.tl.annotate(reduced, model, copy=True)
+    assert out.uns["scbert"]["coverage"]["panel_genes_matched"] == 2000 and "[MASK]" not in caplog.text
+    with pytest.raises(ValueError, match="genes are fixed"):
+        scbert.tl.finetune(ref.copy(), "cell_type", model=model, genes_measured_in=reduced, epochs=1)
+    with pytest.raises(TypeError, match="list of gene identifiers"):
+        scbert.tl.finetune(ref.copy(), "cell_type", model="compact", genes_measured_in="CD3E", epochs=1)
+    with pytest.raises(ValueError, match="share no gene of the scBERT panel"):
+        scbert.tl.finetune(ref.copy(), "cell_type", model="compact", genes_measured_in=["NOT_A_GENE"], epochs=1)
+
+
 def test_gene_mask_hides_genes_at_random_or_the_least_detected():
     generator = torch.Generator().manual_seed(0)
     rank = torch.arange(100)  # gene 0 is the most detected

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data import UNKNOWN, class_order, input_params
+from ..data import UNKNOWN, class_order, gene_ids, input_params
 from ..train._calibration import calibrate
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
@@ -107,6 +107,21 @@ def _validation_rows(
     return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
+def _measured_ids(genes_measured_in: AnnData | Sequence[str] | None) -> list[str] | None:
+    """The gene identifiers of ``genes_measured_in`` (an AnnData or a list of identifiers)."""
+    from anndata import AnnData
+
+    if genes_measured_in is None:
+        return None
+    if isinstance(genes_measured_in, AnnData):
+        return list(map(str, gene_ids(genes_measured_in, input_params(genes_measured_in).get("gene_key"))))
+    if isinstance(genes_measured_in, str) or not all(isinstance(g, str) for g in genes_measured_in):
+        raise TypeError("genes_measured_in must be an AnnData or a list of gene identifiers (str).")
+    if len(genes_measured_in) == 0:
+        raise ValueError("genes_measured_in is empty; pass the query's gene identifiers, or leave it out.")
+    return list(genes_measured_in)
+
+
 def finetune(
     adata: AnnData,
     label_key: str,
@@ -123,6 +138,7 @@ def finetune(
     trainable: Literal["all", "original", "head"] | None = None,
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
     mask_genes: float | None = None,
+    genes_measured_in: AnnData | Sequence[str] | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -191,6 +207,13 @@ def finetune(
         lose genes at random, a third lose the genes least often detected in the training cells
         (queries filtered to their most detected genes). Default: 1 for a new model; 0 (none: the
         published preprocessing, unmeasured genes fed as 0) when starting from trained weights.
+    genes_measured_in
+        The data the model is for, when it is known at training time: a query AnnData (its gene
+        identifiers: ``var[gene_key]`` of its last :func:`scbert_tl.pp.bin`, else its var names; its
+        expression is not read) or a list of gene identifiers. A new compact model then takes its
+        genes among those the query measures, so that the query has every model gene and none is fed
+        as ``[MASK]`` (as a baseline fitted on the shared genes). Only with ``model="compact"``; the
+        number of identifiers is recorded in ``provenance["genes_measured_in"]``.
     gene_key, layer, use_raw
         Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
         (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
@@ -219,7 +242,7 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng)
         params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
-        m = resolve_model(model, adata, seed=rng, params=params)
+        m = resolve_model(model, adata, seed=rng, params=params, measured=_measured_ids(genes_measured_in))
         options = _options(
             m,
             epochs=epochs,

@@ -153,6 +153,7 @@ def dataset_transfer(
     model: str | os.PathLike | ScBERT = "compact",
     baselines: Sequence[str] = ("l1_logistic",),
     validation: float = 0.1,
+    query_genes: bool = True,
     finetune_kwargs: dict[str, Any] | None = None,
     rng: int = 0,
     key_added: str = "scbert_transfer",
@@ -163,13 +164,15 @@ def dataset_transfer(
     annotates each of the other datasets (the everyday use: a reference made elsewhere, a new
     query); without it, leave-one-dataset-out: each dataset in turn is annotated by methods trained
     on all the others. Nothing of an annotated dataset, neither labels nor expression, is used for
-    training; only its gene names choose the baselines' genes.
+    training; only its gene names choose the genes of the baselines and of a new compact model.
 
     **Input.** Every dataset is read as the tools read it (raw counts or log-normalised; the input
     choices of ``finetune_kwargs`` apply to each). scBERT is fine-tuned on the training cells and
     annotates the query with the query's own genes, aligned to the model's panel by
     :func:`~scbert_tl.pp.bin`. The baselines use the genes shared by the training datasets and the
-    query, each cell normalised to 1e4 over those genes and ``log1p``.
+    query, each cell normalised to 1e4 over those genes and ``log1p``. A new compact model
+    (``model="compact"``) takes its genes among those the query measures too (``query_genes``), so
+    that no model gene is fed to it as ``[MASK]``.
 
     **Labels at different resolutions.** ``label_map`` maps labels to a shared level, e.g. PBMC types
     to lineages (``{"Naive CD4 T": "T_CD4", "Memory CD4 T": "T_CD4", "CD14+ Mono": "MNP", ...}``).
@@ -205,6 +208,11 @@ def dataset_transfer(
         ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
     validation
         Fraction of the training cells held out for scBERT's model selection and calibration.
+    query_genes
+        Whether a new compact model chooses its genes among those the query measures (the
+        ``genes_measured_in`` of :func:`~scbert_tl.tl.finetune`; one model per query). ``False``: among
+        all genes of the training data, as without a query; the genes the query lacks are then fed as
+        ``[MASK]``.
     finetune_kwargs
         Further arguments of :func:`~scbert_tl.tl.finetune`.
     rng
@@ -237,6 +245,8 @@ def dataset_transfer(
         raise ValueError(f"names must be {len(adatas)} different names, got {names}.")
     reference = _check_reference(reference, names)
     finetune_kwargs = dict(finetune_kwargs or {})
+    if "genes_measured_in" in finetune_kwargs:
+        raise ValueError("finetune_kwargs may not set 'genes_measured_in': the query's genes are used (query_genes).")
     input_kwargs = {k: finetune_kwargs.pop(k) for k in INPUT_KEYS if k in finetune_kwargs}
     checked = [
         labelled(a, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs, baseline_input=False)
@@ -257,13 +267,16 @@ def dataset_transfer(
     for train_names, held_out in plan:
         setting = _setting(parts, names, train_names, held_out, label_key)
         training[held_out] = setting.record
+        query_kwargs = dict(finetune_kwargs)
+        if query_genes and isinstance(model, str) and model == "compact":
+            query_kwargs["genes_measured_in"] = list(setting.query.var_names)
         rows += _run_methods(
             setting,
             methods,
             label_key,
             model=model,
             validation=validation,
-            finetune_kwargs=finetune_kwargs,
+            finetune_kwargs=query_kwargs,
             seed=rng,
         )
     frame = pd.DataFrame(rows)
@@ -277,6 +290,7 @@ def dataset_transfer(
         reference="leave_one_out" if reference is None else reference,
         # a JSON string: h5ad cannot store the None (left out) of a dict
         label_map=label_map if isinstance(label_map, str | None) else json.dumps(dict(label_map)),
+        query_genes=query_genes,
         **input_kwargs,
     )
     for a in adatas:
