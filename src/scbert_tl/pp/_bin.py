@@ -6,8 +6,9 @@ import functools
 import hashlib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,7 @@ QC_MIN_GENES = 200  # the paper's quality control: cells with fewer expressed ge
 # Fewest panel genes pp.bin accepts (or 5% of a smaller panel): in PBMC3k, a cell expresses a median of
 # 6 of 100 random panel genes and 1 of 20 (27% of cells none), so below this the model sees near-empty cells.
 MIN_PANEL_GENES = 100
+KIND_SAMPLE = 2000  # first cells read to tell raw counts from normalised values
 MEASURED_WARNING = 0.9  # below this share of a model's genes measured, tokens_for warns
 InputKind = Literal["counts", "log1p", "log2", "normalized"]
 _RATIO_TOL = 2e-3  # relative tolerance for recovering integer counts from log-normalised values
@@ -407,6 +409,126 @@ def bins_stale(info: Any, model: ScBERT, X: Any, var_names: Sequence[str], obs_n
     return None
 
 
+@dataclass
+class Binning:
+    """How one input becomes tokens, decided once (genes aligned to a panel, the kind of values) and applied to chunks of cells.
+
+    Made by :func:`prepare_binning`; calling it on a chunk of cells (CSR rows of the input) returns
+    the chunk's bins in the input's genes. Bins depend on each cell alone, so binning a matrix chunk
+    by chunk gives the same bins as binning it whole.
+    """
+
+    genes: list[str]
+    panel_name: str
+    normalization: str
+    n_bins: int
+    alignment: Any
+    kind: InputKind
+    where: str
+    nom_source: str
+    target: np.ndarray
+    primary: np.ndarray
+
+    @property
+    def n_matched(self) -> int:
+        """Panel genes the input has."""
+        return int((self.alignment.panel_index >= 0).sum())
+
+    def __call__(self, raw: sp.csr_matrix, start: int = 0) -> BinnedChunk:
+        """Bin cells ``start, start + 1, ...`` (float64 CSR rows of the input; numbered for messages)."""
+        raw.eliminate_zeros()
+        _check_values(raw, f"{self.where} (cells {start}..{start + raw.shape[0] - 1})")
+        lin = _linear(raw, self.kind, self.where)
+        bins, totals = _tokens(
+            lin,
+            self.target,
+            self.primary,
+            self.n_bins,
+            sum_duplicates=self.alignment.duplicates > 0,
+            library=self.normalization == "library",
+        )
+        return BinnedChunk(bins, totals, np.diff(raw.indptr), float(lin.data.sum()))
+
+
+class BinnedChunk(NamedTuple):
+    """A chunk of binned cells: bins (CSR int8, the input's genes), panel totals, expressed genes and the input total."""
+
+    bins: sp.csr_matrix
+    panel_totals: np.ndarray
+    n_genes: np.ndarray
+    total: float
+
+
+def prepare_binning(
+    X: Any,
+    where: str,
+    ids: pd.Index,
+    *,
+    panel: str | Sequence[str] | ScBERT,
+    n_bins: int,
+    normalize: Literal["auto", "library", "panel"] = "auto",
+    aliases: str | os.PathLike | pd.DataFrame | None = "hgnc",
+) -> Binning:
+    """Align the genes ``ids`` of the matrix ``X`` (named ``where`` in messages) to ``panel`` and tell its kind of values.
+
+    ``X`` is anything whose row ranges :func:`_rows` reads (in memory, backed, dask, a file); only its
+    first cells are read, to tell raw counts from normalised values. Raises when too few genes match.
+    """
+    genes, panel_name, default_normalization = _resolve_panel(panel)
+    normalization = default_normalization if normalize == "auto" else normalize
+    if normalization not in ("library", "panel"):
+        raise ValueError(f"normalize must be 'auto', 'library' or 'panel', got {normalize!r}.")
+    table, nom_source = _nomenclature(aliases)
+    alignment = align_genes(ids, genes, nomenclature=table)
+    n_matched = int((alignment.panel_index >= 0).sum())
+    if n_matched == 0:
+        hint = ""
+        if is_ensembl(ids).mean() > 0.5:
+            hint = (
+                " The genes look like Ensembl IDs: pass gene_key= a var column with gene symbols, or make the "
+                "HGNC table available (aliases=)."
+            )
+        raise ValueError(
+            f"None of the {len(ids)} genes of adata ({', '.join(map(str, ids[:3]))}, ...) is in the model panel "
+            f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
+            f"trained on your genes.{hint}"
+        )
+
+    floor = min(MIN_PANEL_GENES, math.ceil(0.05 * len(genes)))
+    if n_matched < floor:
+        found = [str(ids[j]) for j in np.flatnonzero(alignment.panel_index >= 0)[:5]]
+        raise ValueError(
+            f"Only {n_matched} of the {len(genes)} genes of the model panel '{panel_name}' are in adata ({found}); "
+            f"at least {floor} are needed ({MIN_PANEL_GENES}, or 5% of a smaller panel). With so few, most cells "
+            "express none or a handful of them and the model would see nearly empty cells. Check that the genes are "
+            "human symbols or Ensembl IDs (gene_key= names a var column holding them), or use a model trained on "
+            "your genes."
+        )
+    _check_species(ids, alignment)
+
+    kind = detect_kind(_rows(X, 0, min(X.shape[0], KIND_SAMPLE)), where)
+    logger.info(
+        "pp.bin: %s looks like %s; %s",
+        where,
+        {
+            "counts": "raw counts",
+            "log1p": "log1p (natural log) normalised data",
+            "log2": "log2(1 + x) normalised data",
+            "normalized": "normalised, not log-transformed data",
+        }[kind],
+        f"normalising each cell to 1e4 over {'all its genes' if normalization == 'library' else 'the panel genes'}"
+        + ("" if kind == "counts" else " after undoing it exactly"),
+    )
+
+    target = alignment.target
+    primary = np.full(target.size, -1, dtype=np.int64)
+    first_of_position = {pos: j for j, pos in enumerate(alignment.panel_index) if pos >= 0}
+    for j, pos in enumerate(target):
+        if pos >= 0:
+            primary[j] = first_of_position[pos]
+    return Binning(genes, panel_name, normalization, n_bins, alignment, kind, where, nom_source, target, primary)
+
+
 def bin(
     adata: AnnData,
     *,
@@ -508,61 +630,22 @@ def bin(
         raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     if copy:
         adata = adata.copy()
-    genes, panel_name, default_normalization = _resolve_panel(panel)
-    normalization = default_normalization if normalize == "auto" else normalize
-    if normalization not in ("library", "panel"):
-        raise ValueError(f"normalize must be 'auto', 'library' or 'panel', got {normalize!r}.")
+    if min_genes is not None and adata.isbacked:
+        raise ValueError(
+            "min_genes removes cells, which an AnnData opened with backed='r' cannot do in place: bin without "
+            "min_genes (cells are flagged in obs), or load the data into memory first (adata.to_memory())."
+        )
     X, where = _source(adata, layer, use_raw)
-    ids = _gene_ids(adata, gene_key)
-
-    table, nom_source = _nomenclature(aliases)
-    alignment = align_genes(ids, genes, nomenclature=table)
-    n_matched = int((alignment.panel_index >= 0).sum())
-    if n_matched == 0:
-        hint = ""
-        if is_ensembl(ids).mean() > 0.5:
-            hint = (
-                " The genes look like Ensembl IDs: pass gene_key= a var column with gene symbols, or make the "
-                "HGNC table available (aliases=)."
-            )
-        raise ValueError(
-            f"None of the {len(ids)} genes of adata ({', '.join(map(str, ids[:3]))}, ...) is in the model panel "
-            f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
-            f"trained on your genes.{hint}"
-        )
-
-    floor = min(MIN_PANEL_GENES, math.ceil(0.05 * len(genes)))
-    if n_matched < floor:
-        found = [str(ids[j]) for j in np.flatnonzero(alignment.panel_index >= 0)[:5]]
-        raise ValueError(
-            f"Only {n_matched} of the {len(genes)} genes of the model panel '{panel_name}' are in adata ({found}); "
-            f"at least {floor} are needed ({MIN_PANEL_GENES}, or 5% of a smaller panel). With so few, most cells "
-            "express none or a handful of them and the model would see nearly empty cells. Check that the genes are "
-            "human symbols or Ensembl IDs (gene_key= names a var column holding them), or use a model trained on "
-            "your genes."
-        )
-    _check_species(ids, alignment)
-
-    kind = detect_kind(_rows(X, 0, min(adata.n_obs, 2000)), where)
-    logger.info(
-        "pp.bin: %s looks like %s; %s",
-        where,
-        {
-            "counts": "raw counts",
-            "log1p": "log1p (natural log) normalised data",
-            "log2": "log2(1 + x) normalised data",
-            "normalized": "normalised, not log-transformed data",
-        }[kind],
-        f"normalising each cell to 1e4 over {'all its genes' if normalization == 'library' else 'the panel genes'}"
-        + ("" if kind == "counts" else " after undoing it exactly"),
+    binning = prepare_binning(
+        X, where, _gene_ids(adata, gene_key), panel=panel, n_bins=n_bins, normalize=normalize, aliases=aliases
     )
-
-    target = alignment.target
-    primary = np.full(target.size, -1, dtype=np.int64)
-    first_of_position = {pos: j for j, pos in enumerate(alignment.panel_index) if pos >= 0}
-    for j, pos in enumerate(target):
-        if pos >= 0:
-            primary[j] = first_of_position[pos]
+    genes, panel_name, normalization, alignment = (
+        binning.genes,
+        binning.panel_name,
+        binning.normalization,
+        binning.alignment,
+    )
+    n_matched, kind, nom_source, target = binning.n_matched, binning.kind, binning.nom_source, binning.target
 
     chunks, n_genes_expr = [], []
     panel_total = all_total = 0.0
@@ -572,18 +655,12 @@ def bin(
     )
     for start in range(0, adata.n_obs, chunk_size):
         stop = min(start + chunk_size, adata.n_obs)
-        raw = _rows(X, start, stop)
-        raw.eliminate_zeros()
-        _check_values(raw, f"{where} (cells {start}..{stop - 1})")
-        lin = _linear(raw, kind, where)
-        bins, totals = _tokens(
-            lin, target, primary, n_bins, sum_duplicates=alignment.duplicates > 0, library=normalization == "library"
-        )
-        chunks.append(bins)
-        n_genes_expr.append(np.diff(raw.indptr))
-        panel_total += totals.sum()
-        all_total += lin.data.sum()
-        zero_cells += int((totals == 0).sum())
+        chunk = binning(_rows(X, start, stop), start)
+        chunks.append(chunk.bins)
+        n_genes_expr.append(chunk.n_genes)
+        panel_total += chunk.panel_totals.sum()
+        all_total += chunk.total
+        zero_cells += int((chunk.panel_totals == 0).sum())
         bar.update(stop - start)
     bar.close()
     bins = sp.vstack(chunks, format="csr", dtype=np.int8) if len(chunks) > 1 else chunks[0]
@@ -599,7 +676,7 @@ def bin(
         "panel_genes_matched": n_matched,
         "panel_size": len(genes),
         "panel_fraction": n_matched / len(genes),
-        "user_genes": int(len(ids)),
+        "user_genes": int(target.size),
         "user_genes_matched": int((target >= 0).sum()),
         "counts_fraction": counts_fraction,
         "by_method": alignment.counts(),

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ..pp._bin import tokens_for
-from ..train import run_batches
+from ..data import model_outputs
+from ..data._tokens import check_copy
 from ..train._inference import check_compute
 from ._resolve import model_for_inference
 
@@ -46,6 +46,7 @@ def embed(
     batch_size: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    chunk_size: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed each cell: the mean of its final-layer gene vectors, or the classifier's last hidden layer.
@@ -76,6 +77,9 @@ def embed(
         Compute device (default: the setting).
     precision
         Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    chunk_size
+        Cells read at a time when ``adata`` is out of core (opened with ``backed="r"``, or a dask
+        array as input; see :func:`~scbert_tl.tl.annotate`). Default 8192.
     copy
         Return a copy instead of writing into ``adata``.
 
@@ -85,6 +89,7 @@ def embed(
     float32) and ``adata.uns[key_added]`` (the parameters).
     """
     check_compute(device, precision, batch_size)  # before anything is written
+    check_copy(adata, copy)
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
@@ -93,8 +98,19 @@ def embed(
     if representation == "classifier" and m.network.classifier is None:
         raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
     fn = _mean_encoding if representation == "genes" else _classifier_hidden
-    tokens = tokens_for(adata, m, gene_key=gene_key, layer=layer, use_raw=use_raw)
-    (emb,) = run_batches(m.network, tokens, fn, batch_size=batch_size, device=device, precision=precision, desc="embed")
+    emb = model_outputs(
+        adata,
+        m,
+        fn,
+        gene_key=gene_key,
+        layer=layer,
+        use_raw=use_raw,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        device=device,
+        precision=precision,
+        desc="embed",
+    )
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)
     adata.obsm[key_added] = emb.astype(np.float32)
