@@ -1,4 +1,4 @@
-"""The ``scbert`` shell command: demo, finetune, annotate, pretrain, benchmark."""
+"""The ``scbert`` shell command: demo, finetune, annotate, embed, pretrain, benchmark."""
 
 from __future__ import annotations
 
@@ -12,6 +12,18 @@ def _input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer", help="read this layer instead of X")
     group.add_argument("--use-raw", action="store_true", default=None, help="read adata.raw.X")
     group.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs (default: var_names)")
+
+
+def _stream_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        help="cells read, computed and saved at a time (default: 8192); memory holds one chunk. Completed chunks "
+        "are kept in OUT.h5ad.partial/ until the output is written, so an interrupted run continues where it "
+        "stopped when run again. Under torchrun --nproc-per-node N each process takes a contiguous share.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -92,10 +104,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--key-added", default="scbert")
     an.add_argument("--embed", action="store_true", help="also write obsm['X_scbert']")
-    an.add_argument("--batch-size", type=int)
-    an.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    _stream_options(an)
     _input_options(an)
     _common(an)
+
+    em = sub.add_parser(
+        "embed",
+        help="embed the cells of a .h5ad with a model (for neighbours, UMAP, clustering)",
+        description="Write a cell embedding (obsm[KEY]) into a copy of the .h5ad, streamed as for annotate.",
+    )
+    em.add_argument("input", type=Path, metavar="IN.h5ad")
+    em.add_argument("--model", required=True, help="a saved model directory")
+    em.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
+    em.add_argument(
+        "--representation",
+        choices=["genes", "classifier"],
+        default="genes",
+        help="'genes': mean of the final gene vectors (default); 'classifier': the classifier's last hidden layer",
+    )
+    em.add_argument("--key-added", default="X_scbert", help="obsm key (default: X_scbert)")
+    _stream_options(em)
+    _input_options(em)
+    _common(em)
 
     from ._benchmark import add_benchmark_parser
     from .tl._pretrain import add_pretrain_parser
@@ -189,29 +219,57 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "gene_key": args.gene_key,
+        "layer": args.layer,
+        "use_raw": args.use_raw,
+        "batch_size": args.batch_size,
+        "chunk_size": args.chunk_size,
+        "device": args.device,
+    }
+
+
 def _annotate(args: argparse.Namespace) -> int:
-    from . import ScBERT, tl
+    from . import ScBERT
+    from .tl._files import annotate_file
 
     check_output_file(args.out, overwrite=args.overwrite)
     _check_input(args.input)
     model = ScBERT.load(args.model)
-    adata = _read(args.input)
-    kwargs = {"gene_key": args.gene_key, "layer": args.layer, "use_raw": args.use_raw, "batch_size": args.batch_size}
-    tl.annotate(
-        adata,
+    counts = annotate_file(
+        args.input,
+        args.out,
         model,
         unknown_threshold=args.unknown_threshold,
         false_unknown_rate=args.false_unknown_rate,
         key_added=args.key_added,
-        **kwargs,
+        embed_key="X_scbert" if args.embed else None,
+        **_stream_kwargs(args),
     )
-    if args.embed:
-        tl.embed(adata, model, **kwargs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the work
-    adata.write_h5ad(args.out)
-    counts = adata.obs[args.key_added].value_counts()
-    print(f"Annotated {adata.n_obs} cells -> {args.out}")
-    print(counts.to_string())
+    if counts is not None:  # the process that wrote the output
+        print(f"Annotated {int(counts.sum())} cells -> {args.out}")
+        print(counts.to_string())
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from . import ScBERT
+    from .tl._files import embed_file
+
+    check_output_file(args.out, overwrite=args.overwrite)
+    _check_input(args.input)
+    model = ScBERT.load(args.model)
+    n = embed_file(
+        args.input,
+        args.out,
+        model,
+        representation=args.representation,
+        key_added=args.key_added,
+        **_stream_kwargs(args),
+    )
+    if n is not None:
+        print(f"Embedded {n} cells -> {args.out} (obsm[{args.key_added!r}])")
     return 0
 
 
@@ -236,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup(args)
-    handlers = {"demo": _demo, "finetune": _finetune, "annotate": _annotate, "benchmark": _benchmark}
+    handlers = {"demo": _demo, "finetune": _finetune, "annotate": _annotate, "embed": _embed, "benchmark": _benchmark}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

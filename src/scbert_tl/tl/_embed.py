@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from ._resolve import model_for_inference
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Callable
 
     import torch
     from anndata import AnnData
@@ -32,6 +33,20 @@ def _classifier_hidden(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
     head = network.classifier  # its forward pass up to the last hidden layer (dropout is off in eval)
     h = head.act(head.reduce(network.encode(x)).squeeze(-1))
     return head.act(head.fc2(head.act(head.fc1(h)))).float()
+
+
+def embed_record(m: ScBERT, representation: str, dim: int) -> dict[str, Any]:
+    """The ``uns[key_added]`` record of an embedding."""
+    return {"params": {"model": str(m.provenance.get("source", "")), "representation": representation, "dim": int(dim)}}
+
+
+def output_fn(m: ScBERT, representation: str) -> Callable[[ScBERTNetwork, torch.Tensor], torch.Tensor]:
+    """The network function of ``representation``, checked against the model."""
+    if representation not in ("genes", "classifier"):
+        raise ValueError(f"representation must be 'genes' or 'classifier', got {representation!r}.")
+    if representation == "classifier" and m.network.classifier is None:
+        raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
+    return _mean_encoding if representation == "genes" else _classifier_hidden
 
 
 def embed(
@@ -93,11 +108,7 @@ def embed(
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
-    if representation not in ("genes", "classifier"):
-        raise ValueError(f"representation must be 'genes' or 'classifier', got {representation!r}.")
-    if representation == "classifier" and m.network.classifier is None:
-        raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
-    fn = _mean_encoding if representation == "genes" else _classifier_hidden
+    fn = output_fn(m, representation)
     emb = model_outputs(
         adata,
         m,
@@ -114,11 +125,5 @@ def embed(
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)
     adata.obsm[key_added] = emb.astype(np.float32)
-    adata.uns[key_added] = {
-        "params": {
-            "model": str(m.provenance.get("source", "")),
-            "representation": representation,
-            "dim": int(emb.shape[1]),
-        }
-    }
+    adata.uns[key_added] = embed_record(m, representation, emb.shape[1])
     return adata if copy else None
