@@ -175,7 +175,11 @@ def test_torchrun_shards_equal_one_process(allen, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # one thread per process in both runs
     args = ["-m", "scbert_tl", "annotate", str(path), "--model", str(model_dir), "--embed", "--chunk-size", "400", "-q"]
     one = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp_path / "one.h5ad")], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, *args, "--out", str(tmp_path / "one.h5ad")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert one.returncode == 0, one.stderr[-3000:]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -1,4 +1,4 @@
-"""The ``scbert`` shell command: demo, finetune, annotate, embed, pretrain, benchmark."""
+"""The ``scbert`` shell command: demo, finetune, annotate, pretrain, benchmark."""
 
 from __future__ import annotations
 
@@ -12,18 +12,6 @@ def _input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--layer", help="read this layer instead of X")
     group.add_argument("--use-raw", action="store_true", default=None, help="read adata.raw.X")
     group.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs (default: var_names)")
-
-
-def _stream_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument(
-        "--chunk-size",
-        type=int,
-        help="cells read, computed and saved at a time (default: 8192); memory holds one chunk. Completed chunks "
-        "are kept in OUT.h5ad.partial/ until the output is written, so an interrupted run continues where it "
-        "stopped when run again. Under torchrun --nproc-per-node N each process takes a contiguous share.",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -104,28 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     an.add_argument("--key-added", default="scbert")
     an.add_argument("--embed", action="store_true", help="also write obsm['X_scbert']")
-    _stream_options(an)
+    an.add_argument("--batch-size", type=int)
+    an.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    _chunk_option(an)
     _input_options(an)
     _common(an)
-
-    em = sub.add_parser(
-        "embed",
-        help="embed the cells of a .h5ad with a model (for neighbours, UMAP, clustering)",
-        description="Write a cell embedding (obsm[KEY]) into a copy of the .h5ad, streamed as for annotate.",
-    )
-    em.add_argument("input", type=Path, metavar="IN.h5ad")
-    em.add_argument("--model", required=True, help="a saved model directory")
-    em.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad")
-    em.add_argument(
-        "--representation",
-        choices=["genes", "classifier"],
-        default="genes",
-        help="'genes': mean of the final gene vectors (default); 'classifier': the classifier's last hidden layer",
-    )
-    em.add_argument("--key-added", default="X_scbert", help="obsm key (default: X_scbert)")
-    _stream_options(em)
-    _input_options(em)
-    _common(em)
+    _embed_parser(sub)
 
     from ._benchmark import add_benchmark_parser
     from .tl._pretrain import add_pretrain_parser
@@ -135,6 +107,42 @@ def _parser() -> argparse.ArgumentParser:
     _common(bench)
     _verbosity(add_pretrain_parser(sub))
     return parser
+
+
+def _chunk_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        help="cells read, computed and saved at a time (default: 8192); memory holds one chunk. Completed chunks "
+        "are kept in OUT.h5ad.partial/ until the output is written, so an interrupted run continues where it "
+        "stopped when run again. Under torchrun --nproc-per-node N each process takes a contiguous share.",
+    )
+
+
+def _embed_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``scbert embed``: a cell embedding into a copy of the .h5ad, streamed as ``scbert annotate``."""
+    em = sub.add_parser(
+        "embed",
+        help="embed the cells of a .h5ad with a model (for neighbours, UMAP, clustering)",
+        description="Write a cell embedding (obsm[KEY]) into a copy of the .h5ad, streamed and resumable as "
+        "scbert annotate.",
+    )
+    em.add_argument("input", type=Path, metavar="IN.h5ad", help="cells to embed")
+    em.add_argument("--model", required=True, help="a trained model's folder (scbert finetune or pretrain)")
+    em.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad", help="embedded .h5ad to write")
+    em.add_argument(
+        "--representation",
+        choices=["genes", "classifier"],
+        default="genes",
+        help="'genes': mean of the final gene vectors (default); 'classifier': the classifier's last hidden layer",
+    )
+    em.add_argument("--key-added", default="X_scbert", help="obsm key of the embedding (default: X_scbert)")
+    em.add_argument("--batch-size", type=int, help="cells per forward pass (default: sized to the device and model)")
+    em.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    _chunk_option(em)
+    _input_options(em)
+    _common(em)
+    return em
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -219,17 +227,6 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stream_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "gene_key": args.gene_key,
-        "layer": args.layer,
-        "use_raw": args.use_raw,
-        "batch_size": args.batch_size,
-        "chunk_size": args.chunk_size,
-        "device": args.device,
-    }
-
-
 def _annotate(args: argparse.Namespace) -> int:
     from . import ScBERT
     from .tl._files import annotate_file
@@ -247,9 +244,9 @@ def _annotate(args: argparse.Namespace) -> int:
         embed_key="X_scbert" if args.embed else None,
         **_stream_kwargs(args),
     )
-    if counts is not None:  # the process that wrote the output
+    if counts is not None:  # the process that wrote the output (process 0 under torchrun)
         print(f"Annotated {int(counts.sum())} cells -> {args.out}")
-        print(counts.to_string())
+        print(counts[counts > 0].to_string())  # the classes that got cells
     return 0
 
 
@@ -273,6 +270,11 @@ def _embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_kwargs(args: argparse.Namespace) -> dict:
+    keys = ("gene_key", "layer", "use_raw", "batch_size", "chunk_size", "device")
+    return {k: getattr(args, k) for k in keys}
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
     from ._scbert import check_writable
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup(args)
-    handlers = {"demo": _demo, "finetune": _finetune, "annotate": _annotate, "embed": _embed, "benchmark": _benchmark}
+    handlers = {"demo": _demo, "finetune": _finetune, "annotate": _annotate, "benchmark": _benchmark, "embed": _embed}
     try:
         if args.command in handlers:
             return handlers[args.command](args)

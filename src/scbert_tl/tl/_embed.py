@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -33,11 +33,6 @@ def _classifier_hidden(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
     head = network.classifier  # its forward pass up to the last hidden layer (dropout is off in eval)
     h = head.act(head.reduce(network.encode(x)).squeeze(-1))
     return head.act(head.fc2(head.act(head.fc1(h)))).float()
-
-
-def embed_record(m: ScBERT, representation: str, dim: int) -> dict[str, Any]:
-    """The ``uns[key_added]`` record of an embedding."""
-    return {"params": {"model": str(m.provenance.get("source", "")), "representation": representation, "dim": int(dim)}}
 
 
 def output_fn(m: ScBERT, representation: str) -> Callable[[ScBERTNetwork, torch.Tensor], torch.Tensor]:
@@ -101,7 +96,7 @@ def embed(
     Returns
     -------
     ``None``, or the copy with ``copy=True``. Writes ``adata.obsm[key_added]`` (cells x model width,
-    float32) and ``adata.uns[key_added]`` (the parameters).
+    float32) and nothing else (the bins of :func:`scbert_tl.pp.bin` when they were missing).
     """
     check_compute(device, precision, batch_size)  # before anything is written
     check_copy(adata, copy)
@@ -125,5 +120,4 @@ def embed(
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)
     adata.obsm[key_added] = emb.astype(np.float32)
-    adata.uns[key_added] = embed_record(m, representation, emb.shape[1])
     return adata if copy else None

@@ -19,7 +19,7 @@ from ..data._job import FileJob, create_obsm, run_file_job, update_uns, write_ob
 from ..train._calibration import NOVELTY_SCORE
 from ._annotate import _logits, _require_classifier, _unknown_rule, annotate_params, call_cells, log_calls
 from ._annotate import probabilities_and_scores as _probabilities
-from ._embed import _mean_encoding, embed_record, output_fn
+from ._embed import _mean_encoding, output_fn
 from ._finetune import UNKNOWN
 
 if TYPE_CHECKING:
@@ -87,10 +87,8 @@ def annotate_file(
         update_uns(
             f, key_added, {"classes": classes, "params": {"annotate": annotate_params(m, unknown_threshold, rule)}}
         )
-        if emb_out is not None:
-            update_uns(f, embed_key, embed_record(m, "genes", emb_out.shape[1]))
         log_calls(n, int((codes == k).sum()), rule)
-        counts["labels"] = pd.Series(labels).value_counts()
+        counts["labels"] = pd.Series(labels, name=key_added).value_counts()
 
     def make() -> FileJob:
         return FileJob(path, out, m, fns, chunk_size=chunk_size, desc="annotate", **kwargs)
@@ -109,7 +107,7 @@ def embed_file(
     chunk_size: int | None = None,
     **kwargs: Any,
 ) -> int | None:
-    """Embed the cells of the ``.h5ad`` file ``path`` into ``out`` (a copy of it with ``obsm[key_added]``, as :func:`~scbert_tl.tl.embed`).
+    """Embed the cells of the ``.h5ad`` file ``path`` into ``out`` (a copy of it with ``obsm[key_added]``, what :func:`~scbert_tl.tl.embed` writes).
 
     Returns the number of cells in the process that wrote the output, else None.
     """
@@ -124,7 +122,6 @@ def embed_file(
             if emb_out is None:
                 emb_out = create_obsm(f, key_added, (job.n_cells, emb.shape[1]))
             emb_out[start:stop] = emb
-        update_uns(f, key_added, embed_record(m, representation, emb_out.shape[1]))
         written["n"] = job.n_cells
 
     def make() -> FileJob:
