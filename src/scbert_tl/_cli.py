@@ -109,6 +109,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup(args: argparse.Namespace) -> None:
+    from . import settings
+
+    settings.verbosity = 3 if args.verbose else 0 if args.quiet else 2  # messages go to stderr (see _logging)
+    if getattr(args, "device", None):
+        settings.device = args.device
+
+
+def _check_input(path: Path) -> None:
+    """Refuse an input that is not an .h5ad file, naming it (before any work)."""
+    from ._scbert import is_hdf5
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist.")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; expected an .h5ad file (e.g. written by adata.write_h5ad).")
+    if not is_hdf5(path):
+        raise ValueError(
+            f"{path} is not an .h5ad file (not HDF5). Convert it first, e.g. with scanpy: "
+            "sc.read_10x_mtx(...), sc.read_csv(...) or anndata.read_zarr(...), then .write_h5ad('data.h5ad')."
+        )
+
+
 def _chunk_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--chunk-size",
@@ -143,29 +166,6 @@ def _embed_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _input_options(em)
     _common(em)
     return em
-
-
-def _setup(args: argparse.Namespace) -> None:
-    from . import settings
-
-    settings.verbosity = 3 if args.verbose else 0 if args.quiet else 2  # messages go to stderr (see _logging)
-    if getattr(args, "device", None):
-        settings.device = args.device
-
-
-def _check_input(path: Path) -> None:
-    """Refuse an input that is not an .h5ad file, naming it (before any work)."""
-    from ._scbert import is_hdf5
-
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; expected an .h5ad file (e.g. written by adata.write_h5ad).")
-    if not is_hdf5(path):
-        raise ValueError(
-            f"{path} is not an .h5ad file (not HDF5). Convert it first, e.g. with scanpy: "
-            "sc.read_10x_mtx(...), sc.read_csv(...) or anndata.read_zarr(...), then .write_h5ad('data.h5ad')."
-        )
 
 
 def _threshold(text: str) -> float | str:
