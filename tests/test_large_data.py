@@ -88,6 +88,17 @@ def test_backed_tools_stream_and_leave_the_file_alone(allen):
     assert _digest(path) == before  # bytes and modification time
 
 
+def test_results_that_would_not_fit_are_refused_with_the_way_out(allen, monkeypatch):
+    from scbert_tl.data import _tokens
+
+    path, model_dir = allen
+    monkeypatch.setattr(_tokens, "available_memory", lambda: 10_000)  # bytes: far less than 2,500 cells need
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(MemoryError, match="scbert annotate IN.h5ad"):
+        scbert.tl.annotate(backed, ScBERT.load(model_dir), chunk_size=500)
+    assert "scbert" not in backed.obs
+
+
 def test_dask_matrix_runs_through_dask(allen):
     pytest.importorskip("dask.array")
     import h5py

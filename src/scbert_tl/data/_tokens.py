@@ -10,6 +10,7 @@ an in-memory run over the same cells would have computed.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 #: Cells read, binned and run at a time (rounded up to whole batches).
 CHUNK_SIZE = 8192
+#: Bytes per output value held by a tool at its peak: the float32 outputs, the float64 copies made from them.
+RESULT_BYTES_PER_VALUE = 4 + 8 + 4
 
 
 def is_dask(X: Any) -> bool:
@@ -109,6 +112,30 @@ def chunk_size_for(
     return int(batch_size), int(-(-chunk_size // batch_size) * batch_size)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable`` of ``/proc/meminfo``), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(n_cells: int, width: int, desc: str) -> None:
+    """Refuse, before the work, in-memory results of ``n_cells x width`` that would not fit in the memory available."""
+    need = n_cells * width * RESULT_BYTES_PER_VALUE
+    available = available_memory()
+    if available is not None and need > available:
+        raise MemoryError(
+            f"{desc}: the results for {n_cells} cells ({width} values each) would need about {need / 1e9:.1f} GB in "
+            f"memory, more than the {available / 1e9:.1f} GB available. Run the shell command instead (scbert "
+            f"{desc} IN.h5ad --model MODEL --out OUT.h5ad), which writes them into the output file a chunk at a time, "
+            "or annotate a subset at a time."
+        )
+
+
 def run_chunks(
     network: ScBERTNetwork,
     read: Callable[[int, int], TokenMatrix],
@@ -177,24 +204,27 @@ def model_outputs(
     tokens = ModelTokens(X, where, _gene_ids(adata, params.get("gene_key")), m)
     batch_size, chunk_size = chunk_size_for(m.network, chunk_size, batch_size, device)
     if is_dask(X):
-        return _through_dask(X, tokens, m.network, fn, batch_size=batch_size, device=device, precision=precision)
+        return _through_dask(
+            X, tokens, m.network, fn, batch_size=batch_size, device=device, precision=precision, desc=desc
+        )
     n = X.shape[0]
     logger.info("%s: streaming %d cells from %s in chunks of %d", desc, n, where, chunk_size)
     bar = tqdm(total=n, desc=desc, unit="cells", disable=not settings.progress)
+    parts = []
     try:
-        parts = [
-            out["out"]
-            for _, out in run_chunks(
-                m.network,
-                lambda a, b: tokens(_rows(X, a, b), a),
-                {"out": fn},
-                chunk_bounds(n, chunk_size),
-                batch_size=batch_size,
-                device=device,
-                precision=precision,
-                bar=bar,
-            )
-        ]
+        for _, out in run_chunks(
+            m.network,
+            lambda a, b: tokens(_rows(X, a, b), a),
+            {"out": fn},
+            chunk_bounds(n, chunk_size),
+            batch_size=batch_size,
+            device=device,
+            precision=precision,
+            bar=bar,
+        ):
+            if not parts:
+                check_fits(n, out["out"].shape[1], desc)
+            parts.append(out["out"])
     finally:
         bar.close()
     return np.concatenate(parts)
@@ -209,6 +239,7 @@ def _through_dask(
     batch_size: int,
     device: str | None,
     precision: str | None,
+    desc: str,
 ) -> np.ndarray:
     """Run the model over a dask array block by block (``map_blocks``), with the scheduler or cluster in use."""
     import dask
@@ -219,6 +250,7 @@ def _through_dask(
         network, tokens(X[:1], 0), fn, batch_size=1, device=device, precision=precision, progress=False
     )
     width = first.shape[1]
+    check_fits(X.shape[0], width, desc)
 
     def block(raw: Any, block_info: dict | None = None) -> np.ndarray:
         start = block_info[0]["array-location"][0][0] if block_info else 0
