@@ -21,7 +21,7 @@ from .._settings import settings
 from ..pp._bin import _gene_ids, _in_memory, _report_coverage, _rows, _source, input_params, prepare_binning, tokens_for
 from ..train import TokenMatrix, auto_batch_size, run_batches
 from ..train._inference import check_compute
-from ..train._runtime import cpu_runtime
+from ..train._runtime import cpu_runtime, release_free_memory
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -161,6 +161,7 @@ def run_chunks(
                 network, read(start, stop), combined, batch_size=batch_size, device=device, precision=precision,
                 progress=False,
             )  # fmt: skip
+            release_free_memory()  # memory stays that of one chunk, however many chunks
             if bar is not None:
                 bar.update(stop - start)
             yield i, dict(zip(names, outs, strict=True))
