@@ -24,7 +24,7 @@ def test_every_command_is_listed_with_help():
     parser = _cli.build_parser()
     (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     helps = {a.dest: a.help for a in action._choices_actions}
-    assert set(helps) == set(COMMANDS) == {"annotate", "benchmark", "demo", "finetune", "pretrain"}
+    assert set(helps) == set(COMMANDS) == {"annotate", "benchmark", "demo", "embed", "finetune", "pretrain"}
     assert all(text and text.strip() for text in helps.values()), helps
 
 

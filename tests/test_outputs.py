@@ -110,18 +110,22 @@ def test_embed_writes_only_its_embedding(rng):
 # ---------------------------------------------------------------------------------------------- the shell
 def test_cli_refuses_an_output_named_for_something_else_before_any_work(rng, tmp_path, capsys, monkeypatch):
     from scbert_tl import tl
+    from scbert_tl.tl import _files
 
     def no_work(*args, **kwargs):
         raise AssertionError("the work started before --out was checked")
 
     monkeypatch.setattr(tl, "finetune", no_work)
-    monkeypatch.setattr(tl, "annotate", no_work)
+    monkeypatch.setattr(_files, "annotate_file", no_work)  # scbert annotate / embed stream the file
+    monkeypatch.setattr(_files, "embed_file", no_work)
     _adata(rng).write_h5ad(tmp_path / "q.h5ad")
     _model().save(tmp_path / "m")
     q, m = str(tmp_path / "q.h5ad"), str(tmp_path / "m")
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["annotate", q, "--model", m, "--out", str(tmp_path / "x.txt"), "-q"]) == 1
     assert "--out" in (err := capsys.readouterr().err) and "writes an .h5ad file" in err and "x.h5ad" in err
+    assert main(["embed", q, "--model", m, "--out", str(tmp_path / "e.csv"), "-q"]) == 1
+    assert "writes an .h5ad file" in (err := capsys.readouterr().err) and "e.h5ad" in err
     assert main(["finetune", q, "--label-key", "cell_type", "--out", str(tmp_path / "model.h5ad"), "-q"]) == 1
     assert "writes a model folder, not a .h5ad file" in capsys.readouterr().err
     assert main(["pretrain", q, "--out", str(tmp_path / "model.pt"), "-q"]) == 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from . import annotate, benchmark, demo, finetune, pretrain
+from . import annotate, benchmark, demo, embed, finetune, pretrain
 from ._common import Parser, check_out_name, setup
 
 if TYPE_CHECKING:
@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": demo,
     "finetune": finetune,
     "annotate": annotate,
+    "embed": embed,
     "benchmark": benchmark,
     "pretrain": pretrain,
 }

@@ -71,6 +71,27 @@ def input_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gene-key", help="var column with gene symbols or Ensembl IDs (default: var_names)")
 
 
+def stream_options(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, ``--chunk-size`` and ``--overwrite`` of the commands that stream an ``.h5ad`` (annotate, embed)."""
+    parser.add_argument(
+        "--batch-size", type=int, help="cells per forward pass (default: sized to the device and model)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        help="cells read, computed and saved at a time (default: 8192); memory holds one chunk. Completed chunks "
+        "are kept in OUT.h5ad.partial/ until the output is written, so an interrupted run continues where it "
+        "stopped when run again. Under torchrun --nproc-per-node N each process takes a contiguous share.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+
+
+def stream_kwargs(args: argparse.Namespace) -> dict:
+    """The input and compute options of a streamed command, as keyword arguments."""
+    keys = ("gene_key", "layer", "use_raw", "batch_size", "chunk_size", "device")
+    return {k: getattr(args, k) for k in keys}
+
+
 def compute_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: CUDA when available, else CPU)")
     verbosity_options(parser)
@@ -128,6 +149,7 @@ def read_h5ad(path: Path):  # noqa: ANN201 - an AnnData (anndata is imported onl
 OUTPUTS = {
     "annotate": ".h5ad",
     "benchmark": "report folder",
+    "embed": ".h5ad",
     "demo": "folder",
     "finetune": "model folder",
     "pretrain": "model folder",

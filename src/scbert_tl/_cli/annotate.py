@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import check_input, check_output_file, compute_options, input_options, read_h5ad, threshold
+from ._common import (
+    check_input,
+    check_output_file,
+    compute_options,
+    input_options,
+    stream_kwargs,
+    stream_options,
+    threshold,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -16,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "annotate",
         help="predict cell types of a .h5ad with a fine-tuned model",
-        description="Predict cell types (and optionally a cell embedding) and write the annotated .h5ad.",
+        description="Predict cell types (and optionally a cell embedding) and write the annotated .h5ad, streamed "
+        "a chunk of cells at a time and resumable (see --chunk-size).",
     )
     p.add_argument("input", type=Path, metavar="IN.h5ad", help="cells to annotate")
     p.add_argument("--model", required=True, help="a fine-tuned model's folder (written by scbert finetune)")
@@ -39,8 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="obs column of the predicted types (also KEY_confidence, KEY_novelty, obsm KEY_probabilities, uns KEY)",
     )
     p.add_argument("--embed", action="store_true", help="also write a cell embedding to obsm['X_scbert']")
-    p.add_argument("--batch-size", type=int, help="cells per forward pass (default: sized to the device and model)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.h5ad")
+    stream_options(p)
     input_options(p)
     compute_options(p)
     return p
@@ -48,27 +56,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
-    from .. import tl
     from .._scbert import ScBERT
+    from ..tl._files import annotate_file
 
     check_output_file(args.out, overwrite=args.overwrite)
     check_input(args.input)
     model = ScBERT.load(args.model)
-    adata = read_h5ad(args.input)
-    kwargs = {"gene_key": args.gene_key, "layer": args.layer, "use_raw": args.use_raw, "batch_size": args.batch_size}
-    tl.annotate(
-        adata,
+    counts = annotate_file(
+        args.input,
+        args.out,
         model,
         unknown_threshold=args.unknown_threshold,
         false_unknown_rate=args.false_unknown_rate,
         key_added=args.key_added,
-        **kwargs,
+        embed_key="X_scbert" if args.embed else None,
+        **stream_kwargs(args),
     )
-    if args.embed:
-        tl.embed(adata, model, **kwargs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)  # checked writable before the work
-    adata.write_h5ad(args.out)
-    counts = adata.obs[args.key_added].value_counts()
-    print(f"Annotated {adata.n_obs} cells -> {args.out}")
-    print(counts[counts > 0].to_string())  # the classes that got cells
+    if counts is not None:  # the process that wrote the output (process 0 under torchrun)
+        print(f"Annotated {int(counts.sum())} cells -> {args.out}")
+        print(counts[counts > 0].to_string())  # the classes that got cells
     return 0

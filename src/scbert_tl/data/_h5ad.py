@@ -71,14 +71,17 @@ class H5adFile:
 
 
 class FileMatrix:
-    """Rows of a matrix in an ``.h5ad`` file by index, for :func:`~scbert_tl.data._record.bins_stale`."""
+    """Rows of a matrix in an ``.h5ad`` file, by index or by a range (:func:`~scbert_tl.data._record.bins_stale`, streamed tools)."""
 
     def __init__(self, file: H5adFile, params: dict[str, Any]) -> None:
         self.file, self.key = file, matrix_key(params)
         var = file.raw_var if params.get("use_raw") else file.var
         self.shape = (file.n_obs, 0 if var is None else len(var))
 
-    def __getitem__(self, rows: np.ndarray) -> sp.csr_matrix:
+    def __getitem__(self, rows: np.ndarray | slice) -> sp.csr_matrix:
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(self.shape[0])
+            return self.file.rows(self.key, start, max(start, stop))
         return self.file.rows(self.key, np.asarray(rows))
 
 

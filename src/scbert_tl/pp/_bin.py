@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -21,8 +20,7 @@ from ..data import (
     rows,
     write_bins,
 )
-from ._genes import align_genes, is_ensembl, nomenclature
-from ._kinds import check_values, detect_kind, linear, row_ids
+from ._binning import Binning, prepare_binning
 
 if TYPE_CHECKING:
     import os
@@ -32,147 +30,16 @@ if TYPE_CHECKING:
     from anndata import AnnData
 
     from .._scbert import ScBERT
-    from ._kinds import InputKind
 
 logger = logging.getLogger(__name__)
 
-TARGET_SUM = 1e4
 QC_MIN_GENES = 200  # the paper's quality control: cells with fewer expressed genes are flagged
-# Fewest panel genes pp.bin accepts (or 5% of a smaller panel): in PBMC3k, a cell expresses a median of
-# 6 of 100 random panel genes and 1 of 20 (27% of cells none), so below this the model sees near-empty cells.
-MIN_PANEL_GENES = 100
-
-
-def _resolve_panel(panel: str | Sequence[str] | ScBERT) -> tuple[list[str], str, str]:
-    """Genes, name and default normalisation of a panel argument (a model: anything with genes, panel and normalization)."""
-    from .. import datasets
-
-    if all(hasattr(panel, a) for a in ("genes", "panel", "normalization")):
-        return list(panel.genes), panel.panel or "model", panel.normalization
-    if isinstance(panel, str):
-        return datasets.panel_genes(panel), panel, "panel"  # a published panel: the original preprocessing
-    genes = [str(g) for g in panel]
-    if not genes:
-        raise ValueError("panel is an empty list of genes.")
-    if len(set(genes)) != len(genes):
-        raise ValueError("panel has duplicated gene symbols; each panel position needs its own gene.")
-    return genes, "custom", "library"
-
-
-def _check_species(ids: pd.Index, alignment: Any) -> None:
-    """Warn when most genes match only case-insensitively (``Cd3e`` -> ``CD3E``): mouse-style symbols on a human panel."""
-    matched = int((alignment.target >= 0).sum())
-    by_case = np.flatnonzero(alignment.method == "case")
-    if matched and by_case.size > 0.5 * matched:
-        logger.warning(
-            "%d of the %d matched genes match the model panel only when case is ignored (e.g. %s): the data and the "
-            "panel look like different species (mouse-style symbols such as 'Cd3e' against human-style 'CD3E'; "
-            "the published panel is human). Each gene is used as its namesake and genes without one are left out, "
-            "so a model trained on another species may be less accurate here. If the data is human, check gene_key=.",
-            by_case.size,
-            matched,
-            ", ".join(str(ids[j]) for j in by_case[:3]),
-        )
-
-
-def _row_sums(m: sp.csr_matrix, values: np.ndarray) -> np.ndarray:
-    cumulative = np.concatenate(([0.0], np.cumsum(values)))
-    return cumulative[m.indptr[1:]] - cumulative[m.indptr[:-1]]
-
-
-def _tokens(
-    lin: sp.csr_matrix,
-    target: np.ndarray,
-    primary: np.ndarray,
-    n_bins: int,
-    *,
-    sum_duplicates: bool,
-    library: bool,
-) -> tuple[sp.csr_matrix, np.ndarray]:
-    """Bins in the user's var space (columns of panel genes only) and each cell's panel total.
-
-    Each cell is normalised by its total over all genes (``library``) or over the panel genes.
-    """
-    n_rows, n_cols = lin.shape
-    library_size = _row_sums(lin, lin.data) if library else None
-    if sum_duplicates:  # several user genes on one panel gene: add their values first
-        keep = target[lin.indices] >= 0
-        rows = row_ids(lin)[keep]
-        lin = sp.csr_matrix((lin.data[keep], (rows, primary[lin.indices[keep]])), shape=(n_rows, n_cols))
-        lin.sum_duplicates()
-    v = np.where(target[lin.indices] >= 0, lin.data, 0.0)
-    # per-cell totals; exact for the integer (or recovered integer) counts this mostly sees
-    totals = _row_sums(lin, v)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = v / np.repeat(library_size if library else totals, np.diff(lin.indptr)) * TARGET_SUM
-    tok = np.log2(1.0 + x, out=x)
-    np.floor(tok, out=tok)
-    np.minimum(tok, n_bins, out=tok)
-    nz = tok > 0  # NaN (cells with no panel counts) compares False
-    indptr = np.concatenate(([0], np.cumsum(nz)))[lin.indptr]
-    bins = sp.csr_matrix(
-        (tok[nz].astype(np.int8), primary[lin.indices[nz]].astype(np.int32), indptr.astype(np.int64)),
-        shape=(n_rows, n_cols),
-    )
-    return bins, totals
-
-
-def _check_alignment(ids: pd.Index, genes: list[str], panel_name: str, alignment: Any) -> int:
-    """The number of panel genes matched; an error when none or too few are, a warning when the species may differ."""
-    n_matched = int((alignment.panel_index >= 0).sum())
-    if n_matched == 0:
-        hint = ""
-        if is_ensembl(ids).mean() > 0.5:
-            hint = (
-                " The genes look like Ensembl IDs: pass gene_key= a var column with gene symbols, or make the "
-                "HGNC table available (aliases=)."
-            )
-        raise ValueError(
-            f"None of the {len(ids)} genes of adata ({', '.join(map(str, ids[:3]))}, ...) is in the model panel "
-            f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
-            f"trained on your genes.{hint}"
-        )
-
-    floor = min(MIN_PANEL_GENES, math.ceil(0.05 * len(genes)))
-    if n_matched < floor:
-        found = [str(ids[j]) for j in np.flatnonzero(alignment.panel_index >= 0)[:5]]
-        raise ValueError(
-            f"Only {n_matched} of the {len(genes)} genes of the model panel '{panel_name}' are in adata ({found}); "
-            f"at least {floor} are needed ({MIN_PANEL_GENES}, or 5% of a smaller panel). With so few, most cells "
-            "express none or a handful of them and the model would see nearly empty cells. Check that the genes are "
-            "human symbols or Ensembl IDs (gene_key= names a var column holding them), or use a model trained on "
-            "your genes."
-        )
-    _check_species(ids, alignment)
-    return n_matched
-
-
-def _log_kind(where: str, kind: InputKind, normalization: str) -> None:
-    logger.info(
-        "pp.bin: %s looks like %s; %s",
-        where,
-        {
-            "counts": "raw counts",
-            "log1p": "log1p (natural log) normalised data",
-            "log2": "log2(1 + x) normalised data",
-            "normalized": "normalised, not log-transformed data",
-        }[kind],
-        f"normalising each cell to 1e4 over {'all its genes' if normalization == 'library' else 'the panel genes'}"
-        + ("" if kind == "counts" else " after undoing it exactly"),
-    )
 
 
 def _bin_chunks(
-    X: Any, where: str, kind: InputKind, alignment: Any, n_bins: int, normalization: str, chunk_size: int
+    X: Any, binning: Binning, chunk_size: int
 ) -> tuple[sp.csr_matrix, np.ndarray, tuple[float, float, int]]:
     """Bins of every cell, read ``chunk_size`` cells at a time; expressed genes per cell; count totals (panel, all, empty cells)."""
-    target = alignment.target
-    primary = np.full(target.size, -1, dtype=np.int64)
-    first_of_position = {pos: j for j, pos in enumerate(alignment.panel_index) if pos >= 0}
-    for j, pos in enumerate(target):
-        if pos >= 0:
-            primary[j] = first_of_position[pos]
-
     n_obs = X.shape[0]
     chunks, n_genes_expr = [], []
     panel_total = all_total = 0.0
@@ -180,18 +47,12 @@ def _bin_chunks(
     bar = tqdm(total=n_obs, desc="pp.bin", unit="cells", disable=not settings.progress or n_obs <= chunk_size)
     for start in range(0, n_obs, chunk_size):
         stop = min(start + chunk_size, n_obs)
-        raw = rows(X, start, stop)
-        raw.eliminate_zeros()
-        check_values(raw, f"{where} (cells {start}..{stop - 1})")
-        lin = linear(raw, kind, where)
-        bins, totals = _tokens(
-            lin, target, primary, n_bins, sum_duplicates=alignment.duplicates > 0, library=normalization == "library"
-        )
-        chunks.append(bins)
-        n_genes_expr.append(np.diff(raw.indptr))
-        panel_total += totals.sum()
-        all_total += lin.data.sum()
-        zero_cells += int((totals == 0).sum())
+        chunk = binning(rows(X, start, stop), start)
+        chunks.append(chunk.bins)
+        n_genes_expr.append(chunk.n_genes)
+        panel_total += chunk.panel_totals.sum()
+        all_total += chunk.total
+        zero_cells += int((chunk.panel_totals == 0).sum())
         bar.update(stop - start)
     bar.close()
     bins = sp.vstack(chunks, format="csr", dtype=np.int8) if len(chunks) > 1 else chunks[0]
@@ -353,19 +214,21 @@ def bin(
     _check_args(adata, n_bins, chunk_size)
     if copy:
         adata = adata.copy()
-    genes, panel_name, default_normalization = _resolve_panel(panel)
-    normalization = default_normalization if normalize == "auto" else normalize
-    if normalization not in ("library", "panel"):
-        raise ValueError(f"normalize must be 'auto', 'library' or 'panel', got {normalize!r}.")
+    if min_genes is not None and adata.isbacked:
+        raise ValueError(
+            "min_genes removes cells, which an AnnData opened with backed='r' cannot do in place: bin without "
+            "min_genes (cells are flagged in obs), or load the data into memory first (adata.to_memory())."
+        )
     X, where = matrix(adata, layer, use_raw)
     ids = gene_ids(adata, gene_key)
-
-    table, nom_source = nomenclature(aliases)
-    alignment = align_genes(ids, genes, nomenclature=table)
-    _check_alignment(ids, genes, panel_name, alignment)
-    kind = detect_kind(rows(X, 0, min(adata.n_obs, 2000)), where)
-    _log_kind(where, kind, normalization)
-    bins, n_expr, totals = _bin_chunks(X, where, kind, alignment, n_bins, normalization, chunk_size)
+    binning = prepare_binning(X, where, ids, panel=panel, n_bins=n_bins, normalize=normalize, aliases=aliases)
+    genes, panel_name, normalization, alignment = (
+        binning.genes,
+        binning.panel_name,
+        binning.normalization,
+        binning.alignment,
+    )
+    bins, n_expr, totals = _bin_chunks(X, binning, chunk_size)
     if min_genes is not None and (n_expr < min_genes).all():
         raise ValueError(
             f"min_genes={min_genes} would remove every cell (the most genes any cell expresses is {n_expr.max()}); "
@@ -391,10 +254,10 @@ def bin(
             "n_bins": n_bins,
             "normalize": normalization,
             "input": where,
-            "input_kind": kind,
+            "input_kind": binning.kind,
             "fingerprint": input_fingerprint(X, adata.obs_names),
             "coverage": coverage,
-            "nomenclature": nom_source,
+            "nomenclature": binning.nom_source,
         },
         {
             "panel": panel_name,

@@ -9,11 +9,10 @@ import numpy as np
 import pandas as pd
 
 from ..data import UNKNOWN
-from ..train import run_batches
 from ..train._calibration import NOVELTY_SCORE, novelty_scores, softmax, threshold_for_rate
 from ..train._inference import check_compute
-from ._data import tokens_for
 from ._resolve import model_for_inference
+from ._stream import check_copy, model_outputs
 
 if TYPE_CHECKING:
     import os
@@ -44,15 +43,71 @@ def predict_cells(
     batch_size: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Class probabilities (calibrated when the model has a temperature) and every novelty score of each cell."""
     _require_classifier(m)
-    tokens = tokens_for(adata, m, gene_key=gene_key, layer=layer, use_raw=use_raw)
-    (logits,) = run_batches(
-        m.network, tokens, _logits, batch_size=batch_size, device=device, precision=precision, desc="annotate"
+    logits = model_outputs(
+        adata,
+        m,
+        _logits,
+        gene_key=gene_key,
+        layer=layer,
+        use_raw=use_raw,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        device=device,
+        precision=precision,
+        desc="annotate",
     )
+    return probabilities_and_scores(m, logits)
+
+
+def probabilities_and_scores(m: ScBERT, logits: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Class probabilities (calibrated with the model's temperature) and every novelty score, from logits."""
     temperature = m.calibration["temperature"] if m.calibration else 1.0
     return softmax(logits, temperature), novelty_scores(logits, temperature)
+
+
+def call_cells(
+    probs: np.ndarray, scores: dict[str, np.ndarray], rule: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cell's most likely class, its probability, and whether the unknown ``rule`` calls the cell unknown."""
+    best = probs.argmax(1)
+    confidence = probs[np.arange(probs.shape[0]), best]
+    if rule["score"] == NOVELTY_SCORE:
+        unknown = scores[NOVELTY_SCORE] > rule["threshold"]
+    else:
+        unknown = confidence < rule["threshold"]
+    return best, confidence, unknown
+
+
+def annotate_params(m: ScBERT, unknown_threshold: float | str, rule: dict[str, Any]) -> dict[str, Any]:
+    """The ``uns[key_added]["params"]["annotate"]`` record of an annotation."""
+    return {
+        "unknown_threshold": unknown_threshold,
+        "unknown_score": rule["score"],
+        "unknown_score_threshold": rule["threshold"],
+        "false_unknown_rate": "" if rule["false_unknown_rate"] is None else rule["false_unknown_rate"],
+        "temperature": m.calibration["temperature"] if m.calibration else 1.0,
+        "model": str(m.provenance.get("source", "")),
+        "label_key": str(m.provenance.get("label_key", "")),
+    }
+
+
+def log_calls(n_cells: int, n_unknown: int, rule: dict[str, Any]) -> None:
+    """Log how many cells were called unknown, and by which rule."""
+    logger.info(
+        "annotate: %d cells, %d (%.1f%%) called %r (%s)",
+        n_cells,
+        n_unknown,
+        100 * n_unknown / max(n_cells, 1),
+        UNKNOWN,
+        f"energy above {rule['threshold']:.3g}, the threshold for {rule['false_unknown_rate']:.0%} false unknowns "
+        "on the validation cells"
+        if rule["false_unknown_rate"] is not None
+        else f"highest probability below {rule['threshold']:.2f}",
+    )
 
 
 def _require_classifier(m: ScBERT) -> None:
@@ -101,6 +156,7 @@ def annotate(
     batch_size: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    chunk_size: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Predict cell types; cells unlike every type the model knows are called ``"unknown"``.
@@ -144,6 +200,10 @@ def annotate(
         Compute device (default: the setting).
     precision
         Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    chunk_size
+        Cells read at a time when ``adata`` is out of core (opened with ``backed="r"``, or a dask
+        array as input): such data is read and binned a chunk at a time and never written to, so
+        memory holds one chunk plus the results (see the "Large data" page). Default 8192.
     copy
         Return an annotated copy instead of writing into ``adata``.
 
@@ -166,6 +226,7 @@ def annotate(
         and the ``"temperature"`` (the record of :func:`scbert_tl.pp.bin` at the same key is kept).
     """
     check_compute(device, precision, batch_size)  # before anything is written
+    check_copy(adata, copy)
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
@@ -180,13 +241,9 @@ def annotate(
         batch_size=batch_size,
         device=device,
         precision=precision,
+        chunk_size=chunk_size,
     )
-    best = probs.argmax(1)
-    confidence = probs[np.arange(probs.shape[0]), best]
-    if rule["score"] == NOVELTY_SCORE:
-        unknown = scores[NOVELTY_SCORE] > rule["threshold"]
-    else:
-        unknown = confidence < rule["threshold"]
+    best, confidence, unknown = call_cells(probs, scores, rule)
     names = np.asarray(m.classes, dtype=object)[best]
     names[unknown] = UNKNOWN
     for key in (key_added, f"{key_added}_confidence", f"{key_added}_novelty"):
@@ -200,27 +257,8 @@ def annotate(
     record["classes"] = list(m.classes)
     record["params"] = {
         **dict(record.get("params", {})),
-        "annotate": {
-            "unknown_threshold": unknown_threshold,
-            "unknown_score": rule["score"],
-            "unknown_score_threshold": rule["threshold"],
-            "false_unknown_rate": "" if rule["false_unknown_rate"] is None else rule["false_unknown_rate"],
-            "temperature": m.calibration["temperature"] if m.calibration else 1.0,
-            "model": str(m.provenance.get("source", "")),
-            "label_key": str(m.provenance.get("label_key", "")),
-        },
+        "annotate": annotate_params(m, unknown_threshold, rule),
     }
     adata.uns[key_added] = record
-    n_unknown = int(unknown.sum())
-    logger.info(
-        "annotate: %d cells, %d (%.1f%%) called %r (%s)",
-        adata.n_obs,
-        n_unknown,
-        100 * n_unknown / max(adata.n_obs, 1),
-        UNKNOWN,
-        f"energy above {rule['threshold']:.3g}, the threshold for {rule['false_unknown_rate']:.0%} false unknowns "
-        "on the validation cells"
-        if rule["false_unknown_rate"] is not None
-        else f"highest probability below {rule['threshold']:.2f}",
-    )
+    log_calls(adata.n_obs, int(unknown.sum()), rule)
     return adata if copy else None

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ..train import run_batches
 from ..train._inference import check_compute
-from ._data import tokens_for
 from ._resolve import model_for_inference
+from ._stream import check_copy, model_outputs
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Callable
 
     import torch
     from anndata import AnnData
@@ -34,6 +34,15 @@ def _classifier_hidden(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
     return head.act(head.fc2(head.act(head.fc1(h)))).float()
 
 
+def output_fn(m: ScBERT, representation: str) -> Callable[[ScBERTNetwork, torch.Tensor], torch.Tensor]:
+    """The network function of ``representation``, checked against the model."""
+    if representation not in ("genes", "classifier"):
+        raise ValueError(f"representation must be 'genes' or 'classifier', got {representation!r}.")
+    if representation == "classifier" and m.network.classifier is None:
+        raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
+    return _mean_encoding if representation == "genes" else _classifier_hidden
+
+
 def embed(
     adata: AnnData,
     model: str | os.PathLike | ScBERT,
@@ -46,6 +55,7 @@ def embed(
     batch_size: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    chunk_size: int | None = None,
     copy: bool = False,
 ) -> AnnData | None:
     """Embed each cell: the mean of its final-layer gene vectors, or the classifier's last hidden layer.
@@ -76,6 +86,9 @@ def embed(
         Compute device (default: the setting).
     precision
         Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    chunk_size
+        Cells read at a time when ``adata`` is out of core (opened with ``backed="r"``, or a dask
+        array as input; see :func:`~scbert_tl.tl.annotate`). Default 8192.
     copy
         Return a copy instead of writing into ``adata``.
 
@@ -85,16 +98,24 @@ def embed(
     float32) and nothing else (the bins of :func:`scbert_tl.pp.bin` when they were missing).
     """
     check_compute(device, precision, batch_size)  # before anything is written
+    check_copy(adata, copy)
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
-    if representation not in ("genes", "classifier"):
-        raise ValueError(f"representation must be 'genes' or 'classifier', got {representation!r}.")
-    if representation == "classifier" and m.network.classifier is None:
-        raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
-    fn = _mean_encoding if representation == "genes" else _classifier_hidden
-    tokens = tokens_for(adata, m, gene_key=gene_key, layer=layer, use_raw=use_raw)
-    (emb,) = run_batches(m.network, tokens, fn, batch_size=batch_size, device=device, precision=precision, desc="embed")
+    fn = output_fn(m, representation)
+    emb = model_outputs(
+        adata,
+        m,
+        fn,
+        gene_key=gene_key,
+        layer=layer,
+        use_raw=use_raw,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        device=device,
+        precision=precision,
+        desc="embed",
+    )
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)
     adata.obsm[key_added] = emb.astype(np.float32)

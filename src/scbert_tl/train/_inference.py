@@ -142,11 +142,13 @@ def run_batches(
     device: str | torch.device | None = None,
     precision: str | None = None,
     desc: str = "scBERT",
+    progress: bool = True,
 ) -> list[np.ndarray]:
     """Apply ``fn(network, tokens_on_device)`` to every batch of cells; concatenate the outputs as float32 numpy.
 
     ``fn`` returns one tensor, or a tuple of tensors, with the cells along the first axis. On CUDA the
     next batch is prepared and copied (pinned, asynchronously) while the current one computes.
+    ``progress=False`` shows no bar (a caller that runs chunk after chunk shows its own).
     """
     dev, dtype = check_compute(device, precision, batch_size)
     was_training = network.training
@@ -154,7 +156,12 @@ def run_batches(
     rows = np.arange(tokens.n_cells) if rows is None else np.asarray(rows)
     batch_size = batch_size or auto_batch_size(network.config, dev, dtype=dtype)
     outputs: list[list[np.ndarray]] = []
-    bar = tqdm(total=rows.size, desc=desc, unit="cells", disable=not settings.progress or rows.size <= batch_size)
+    bar = tqdm(
+        total=rows.size,
+        desc=desc,
+        unit="cells",
+        disable=not (progress and settings.progress) or rows.size <= batch_size,
+    )
 
     def load(idx: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(tokens.dense(idx))

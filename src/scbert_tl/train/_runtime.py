@@ -169,6 +169,18 @@ def _mallopt(mmap_threshold: int) -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
 
 
+def release_free_memory() -> None:
+    """Give the memory freed on the heap back to the system (``malloc_trim``; glibc only).
+
+    During a run large buffers are served from the heap and reused (:func:`cpu_runtime`); buffers of
+    changing sizes (chunks of a streamed run) leave free gaps there that the resident set keeps.
+    Streamed runs call this after each chunk, so that their memory stays that of one chunk.
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 _depth = 0
 
 

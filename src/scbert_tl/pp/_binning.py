@@ -1,0 +1,229 @@
+"""How one input becomes scBERT tokens, decided once (:func:`prepare_binning`) and applied to chunks of cells (:class:`Binning`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..data import rows
+from ._genes import align_genes, is_ensembl, nomenclature
+from ._kinds import check_values, detect_kind, linear, row_ids
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    import pandas as pd
+
+    from .._scbert import ScBERT
+    from ._kinds import InputKind
+
+logger = logging.getLogger(__name__)
+
+TARGET_SUM = 1e4
+# Fewest panel genes pp.bin accepts (or 5% of a smaller panel): in PBMC3k, a cell expresses a median of
+# 6 of 100 random panel genes and 1 of 20 (27% of cells none), so below this the model sees near-empty cells.
+MIN_PANEL_GENES = 100
+KIND_SAMPLE = 2000  # first cells read to tell raw counts from normalised values
+
+
+def _resolve_panel(panel: str | Sequence[str] | ScBERT) -> tuple[list[str], str, str]:
+    """Genes, name and default normalisation of a panel argument (a model: anything with genes, panel and normalization)."""
+    from .. import datasets
+
+    if all(hasattr(panel, a) for a in ("genes", "panel", "normalization")):
+        return list(panel.genes), panel.panel or "model", panel.normalization
+    if isinstance(panel, str):
+        return datasets.panel_genes(panel), panel, "panel"  # a published panel: the original preprocessing
+    genes = [str(g) for g in panel]
+    if not genes:
+        raise ValueError("panel is an empty list of genes.")
+    if len(set(genes)) != len(genes):
+        raise ValueError("panel has duplicated gene symbols; each panel position needs its own gene.")
+    return genes, "custom", "library"
+
+
+def _check_species(ids: pd.Index, alignment: Any) -> None:
+    """Warn when most genes match only case-insensitively (``Cd3e`` -> ``CD3E``): mouse-style symbols on a human panel."""
+    matched = int((alignment.target >= 0).sum())
+    by_case = np.flatnonzero(alignment.method == "case")
+    if matched and by_case.size > 0.5 * matched:
+        logger.warning(
+            "%d of the %d matched genes match the model panel only when case is ignored (e.g. %s): the data and the "
+            "panel look like different species (mouse-style symbols such as 'Cd3e' against human-style 'CD3E'; "
+            "the published panel is human). Each gene is used as its namesake and genes without one are left out, "
+            "so a model trained on another species may be less accurate here. If the data is human, check gene_key=.",
+            by_case.size,
+            matched,
+            ", ".join(str(ids[j]) for j in by_case[:3]),
+        )
+
+
+def _row_sums(m: sp.csr_matrix, values: np.ndarray) -> np.ndarray:
+    cumulative = np.concatenate(([0.0], np.cumsum(values)))
+    return cumulative[m.indptr[1:]] - cumulative[m.indptr[:-1]]
+
+
+def _tokens(
+    lin: sp.csr_matrix,
+    target: np.ndarray,
+    primary: np.ndarray,
+    n_bins: int,
+    *,
+    sum_duplicates: bool,
+    library: bool,
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Bins in the user's var space (columns of panel genes only) and each cell's panel total.
+
+    Each cell is normalised by its total over all genes (``library``) or over the panel genes.
+    """
+    n_rows, n_cols = lin.shape
+    library_size = _row_sums(lin, lin.data) if library else None
+    if sum_duplicates:  # several user genes on one panel gene: add their values first
+        keep = target[lin.indices] >= 0
+        rows = row_ids(lin)[keep]
+        lin = sp.csr_matrix((lin.data[keep], (rows, primary[lin.indices[keep]])), shape=(n_rows, n_cols))
+        lin.sum_duplicates()
+    v = np.where(target[lin.indices] >= 0, lin.data, 0.0)
+    # per-cell totals; exact for the integer (or recovered integer) counts this mostly sees
+    totals = _row_sums(lin, v)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = v / np.repeat(library_size if library else totals, np.diff(lin.indptr)) * TARGET_SUM
+    tok = np.log2(1.0 + x, out=x)
+    np.floor(tok, out=tok)
+    np.minimum(tok, n_bins, out=tok)
+    nz = tok > 0  # NaN (cells with no panel counts) compares False
+    indptr = np.concatenate(([0], np.cumsum(nz)))[lin.indptr]
+    bins = sp.csr_matrix(
+        (tok[nz].astype(np.int8), primary[lin.indices[nz]].astype(np.int32), indptr.astype(np.int64)),
+        shape=(n_rows, n_cols),
+    )
+    return bins, totals
+
+
+def _check_alignment(ids: pd.Index, genes: list[str], panel_name: str, alignment: Any) -> int:
+    """The number of panel genes matched; an error when none or too few are, a warning when the species may differ."""
+    n_matched = int((alignment.panel_index >= 0).sum())
+    if n_matched == 0:
+        hint = ""
+        if is_ensembl(ids).mean() > 0.5:
+            hint = (
+                " The genes look like Ensembl IDs: pass gene_key= a var column with gene symbols, or make the "
+                "HGNC table available (aliases=)."
+            )
+        raise ValueError(
+            f"None of the {len(ids)} genes of adata ({', '.join(map(str, ids[:3]))}, ...) is in the model panel "
+            f"'{panel_name}' ({', '.join(genes[:3])}, ...). Use human gene symbols or Ensembl IDs, or a model "
+            f"trained on your genes.{hint}"
+        )
+
+    floor = min(MIN_PANEL_GENES, math.ceil(0.05 * len(genes)))
+    if n_matched < floor:
+        found = [str(ids[j]) for j in np.flatnonzero(alignment.panel_index >= 0)[:5]]
+        raise ValueError(
+            f"Only {n_matched} of the {len(genes)} genes of the model panel '{panel_name}' are in adata ({found}); "
+            f"at least {floor} are needed ({MIN_PANEL_GENES}, or 5% of a smaller panel). With so few, most cells "
+            "express none or a handful of them and the model would see nearly empty cells. Check that the genes are "
+            "human symbols or Ensembl IDs (gene_key= names a var column holding them), or use a model trained on "
+            "your genes."
+        )
+    _check_species(ids, alignment)
+    return n_matched
+
+
+def _log_kind(where: str, kind: InputKind, normalization: str) -> None:
+    logger.info(
+        "pp.bin: %s looks like %s; %s",
+        where,
+        {
+            "counts": "raw counts",
+            "log1p": "log1p (natural log) normalised data",
+            "log2": "log2(1 + x) normalised data",
+            "normalized": "normalised, not log-transformed data",
+        }[kind],
+        f"normalising each cell to 1e4 over {'all its genes' if normalization == 'library' else 'the panel genes'}"
+        + ("" if kind == "counts" else " after undoing it exactly"),
+    )
+
+
+@dataclass
+class Binning:
+    """How one input becomes tokens, decided once (genes aligned to a panel, the kind of values) and applied to chunks of cells.
+
+    Made by :func:`prepare_binning`; calling it on a chunk of cells (CSR rows of the input) returns
+    the chunk's bins in the input's genes. Bins depend on each cell alone, so binning a matrix chunk
+    by chunk gives the same bins as binning it whole.
+    """
+
+    genes: list[str]
+    panel_name: str
+    normalization: str
+    n_bins: int
+    alignment: Any
+    kind: InputKind
+    where: str
+    nom_source: str
+    primary: np.ndarray
+
+    def __call__(self, raw: sp.csr_matrix, start: int = 0) -> BinnedChunk:
+        """Bin cells ``start, start + 1, ...`` (float64 CSR rows of the input; numbered for messages)."""
+        raw.eliminate_zeros()
+        check_values(raw, f"{self.where} (cells {start}..{start + raw.shape[0] - 1})")
+        lin = linear(raw, self.kind, self.where)
+        bins, totals = _tokens(
+            lin,
+            self.alignment.target,
+            self.primary,
+            self.n_bins,
+            sum_duplicates=self.alignment.duplicates > 0,
+            library=self.normalization == "library",
+        )
+        return BinnedChunk(bins, totals, np.diff(raw.indptr), float(lin.data.sum()))
+
+
+class BinnedChunk(NamedTuple):
+    """A chunk of binned cells: bins (CSR int8, the input's genes), panel totals, expressed genes and the input total."""
+
+    bins: sp.csr_matrix
+    panel_totals: np.ndarray
+    n_genes: np.ndarray
+    total: float
+
+
+def prepare_binning(
+    X: Any,
+    where: str,
+    ids: pd.Index,
+    *,
+    panel: str | Sequence[str] | ScBERT,
+    n_bins: int,
+    normalize: Literal["auto", "library", "panel"] = "auto",
+    aliases: str | os.PathLike | pd.DataFrame | None = "hgnc",
+) -> Binning:
+    """Align the genes ``ids`` of the matrix ``X`` (named ``where`` in messages) to ``panel`` and tell its kind of values.
+
+    ``X`` is anything whose row ranges :func:`~scbert_tl.data.rows` reads (in memory, backed, dask, a
+    file); only its first cells are read, to tell raw counts from normalised values. Raises when too
+    few genes match.
+    """
+    genes, panel_name, default_normalization = _resolve_panel(panel)
+    normalization = default_normalization if normalize == "auto" else normalize
+    if normalization not in ("library", "panel"):
+        raise ValueError(f"normalize must be 'auto', 'library' or 'panel', got {normalize!r}.")
+    table, nom_source = nomenclature(aliases)
+    alignment = align_genes(ids, genes, nomenclature=table)
+    _check_alignment(ids, genes, panel_name, alignment)
+    kind = detect_kind(rows(X, 0, min(X.shape[0], KIND_SAMPLE)), where)
+    _log_kind(where, kind, normalization)
+    target = alignment.target
+    primary = np.full(target.size, -1, dtype=np.int64)
+    first_of_position = {pos: j for j, pos in enumerate(alignment.panel_index) if pos >= 0}
+    for j, pos in enumerate(target):
+        if pos >= 0:
+            primary[j] = first_of_position[pos]
+    return Binning(genes, panel_name, normalization, n_bins, alignment, kind, where, nom_source, primary)
