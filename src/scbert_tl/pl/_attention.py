@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .._docs import doc_ax_show, doc_params
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def _table(
     return mean.loc[genes, groups].astype(float), genes, starts
 
 
+@doc_params(doc_ax_show=doc_ax_show)
 def attention(
     adata: AnnData,
     *,
@@ -93,10 +95,7 @@ def attention(
         what an average gene receives). With a single group, ``None`` is used.
     cmap
         Colour map.
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
 
     Returns
     -------

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from .._docs import doc_ax_show, doc_params
 from ..data import UNKNOWN, class_order
 from ._utils import finish, new_axes
 
@@ -39,6 +40,7 @@ def confusion_table(adata: AnnData, *, truth: str, prediction: str = "scbert") -
     return pd.crosstab(t, p).reindex(index=rows, columns=cols, fill_value=0)
 
 
+@doc_params(doc_ax_show=doc_ax_show)
 def confusion(
     adata: AnnData,
     *,
@@ -70,10 +72,7 @@ def confusion(
         count beneath; ``False``: by the count alone.
     cmap
         Colour map.
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
 
     Returns
     -------

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .._docs import doc_ax_show, doc_params
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def _methods(frame: pd.DataFrame, methods: Sequence[str] | None) -> list[str]:
     return methods
 
 
+@doc_params(doc_ax_show=doc_ax_show)
 def cross_validation(
     adata: AnnData,
     *,
@@ -62,10 +64,7 @@ def cross_validation(
         Columns of the results to show (``"accuracy"``, ``"macro_f1"``, ``"f1:<type>"``).
     methods
         Methods to show, in this order (default: all).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
 
     Returns
     -------
@@ -93,6 +92,7 @@ def cross_validation(
     return finish(ax, show)
 
 
+@doc_params(doc_ax_show=doc_ax_show)
 def reference_size_curve(
     adata: AnnData,
     *,
@@ -114,10 +114,7 @@ def reference_size_curve(
         Column of the results to show (``"accuracy"``, ``"macro_f1"``, ``"f1:<type>"``).
     methods
         Methods to show (default: all).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
 
     Returns
     -------
@@ -139,6 +136,7 @@ def reference_size_curve(
     return finish(ax, show)
 
 
+@doc_params(doc_ax_show=doc_ax_show)
 def novel_type_detection(
     adata: AnnData,
     *,
@@ -169,10 +167,7 @@ def novel_type_detection(
         Left-out types to show (default: all).
     mark
         Threshold to highlight (default: 0.5, the default of :func:`scbert_tl.tl.annotate`).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
 
     Returns
     -------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .._docs import doc_ax_show, doc_params
 from ._utils import finish, new_axes
 
 if TYPE_CHECKING:
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from .._scbert import ScBERT
 
 
+@doc_params(doc_ax_show=doc_ax_show)
 def history(model: ScBERT, *, stage: str = "finetune", ax: Axes | None = None, show: bool | None = None) -> Axes | None:
     """Training loss and validation metrics per epoch, with the selected epoch marked.
 
@@ -22,10 +24,7 @@ def history(model: ScBERT, *, stage: str = "finetune", ax: Axes | None = None, s
         with its history).
     stage
         Which records to show: ``"finetune"`` or ``"pretrain"`` (a model keeps both).
-    ax
-        Axes to draw into (default: a new figure).
-    show
-        Show the figure (default: scanpy's ``settings.autoshow``).
+    {doc_ax_show}
 
     Returns
     -------
