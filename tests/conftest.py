@@ -38,6 +38,17 @@ def _offline_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP waits make every small op slow."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)
 

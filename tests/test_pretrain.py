@@ -24,13 +24,7 @@ GENES = [f"GENE{i}" for i in range(N_GENES)]
 TINY = {"depth": 1, "dim": 16, "heads": 2, "dim_head": 8, "gene_emb_trainable": True}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP waits make every small op slow."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _counts(n_cells: int, genes: list[str], seed: int) -> ad.AnnData:
