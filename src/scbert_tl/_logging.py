@@ -10,8 +10,13 @@ where such a handler exists, the default one stays silent, so no line is printed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ROOT = "scbert_tl"
 
@@ -56,3 +61,14 @@ def install() -> None:
     logger = logging.getLogger(ROOT)
     if not any(isinstance(h, DefaultHandler) for h in logger.handlers):
         logger.addHandler(DefaultHandler())
+
+
+@contextlib.contextmanager
+def quieted(logger: logging.Logger) -> Iterator[None]:
+    """Hide ``logger``'s info lines (warnings and errors still pass) inside the ``with`` block."""
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -13,11 +12,11 @@ from typing import TYPE_CHECKING
 
 import pooch
 
+from .._logging import quieted
 from .._settings import settings
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +115,6 @@ def _check_pin(asset: Asset, path: Path) -> None:
         )
 
 
-@contextlib.contextmanager
-def _pooch_quiet() -> Iterator[None]:
-    """Hide pooch's own info lines (our log says what is downloaded; errors are raised, not logged)."""
-    pooch_logger = pooch.get_logger()
-    level = pooch_logger.level
-    pooch_logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        pooch_logger.setLevel(level)
-
-
 def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
     """Download (once) and verify an asset; return the path of the cached file.
 
@@ -158,7 +145,8 @@ def fetch(asset: str | Asset, *, progressbar: bool | None = None) -> Path:
     if not target.exists():
         logger.info("Downloading %s from %s", asset.name, asset.url)
     try:
-        with _pooch_quiet():  # its "Downloading data from ..." line would repeat ours, or precede a failure
+        # pooch's own "Downloading data from ..." line would repeat ours, or precede a failure
+        with quieted(pooch.get_logger()):
             path = Path(
                 pooch.retrieve(asset.url, known_hash=known_hash, fname=asset.name, path=cache, progressbar=progressbar)
             )

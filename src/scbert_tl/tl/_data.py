@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .. import pp
+from .._logging import quieted
 from ..data import (
     LAYER,
     PANEL_INDEX,
@@ -37,8 +38,6 @@ from ..data import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import scipy.sparse as sp
     from anndata import AnnData
 
@@ -173,7 +172,7 @@ class BinningH5adSource(TokenSource):
 
         block = self.file.rows(self.key, start, stop)
         chunk = AnnData(X=block.astype(np.float64), var=self.var.copy())
-        with _quiet("scbert_tl.pp") if quiet else contextlib.nullcontext():
+        with quieted(logging.getLogger("scbert_tl.pp")) if quiet else contextlib.nullcontext():
             try:
                 pp.bin(
                     chunk,
@@ -189,18 +188,6 @@ class BinningH5adSource(TokenSource):
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Cells ``start:stop``, binned."""
         return to_panel_csr(self._bin(start, stop).layers[LAYER], self.col_map, self.n_genes)
-
-
-@contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
-    """Silence a logger's info messages (pp.bin on every chunk would repeat the same lines)."""
-    lg = logging.getLogger(name)
-    old = lg.level
-    lg.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        lg.setLevel(old)
 
 
 def source_for(item: AnnData | Path, model: ScBERT, name: str, *, main: bool) -> TokenSource:
