@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: The command's line in `scbert --help`, and the opening of its own help.
 SUMMARY = "fine-tune a compact model on scanpy's pbmc68k_reduced and annotate held-out cells"
 DESCRIPTION = (
     "Fine-tune a compact scBERT on 80% of scanpy's bundled pbmc68k_reduced, annotate the other 20%, compare with L1 "

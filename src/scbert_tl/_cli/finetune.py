@@ -10,6 +10,7 @@ from ._common import DEFAULT_MODEL, MODEL_HELP, add_command, data_options, read_
 if TYPE_CHECKING:
     import argparse
 
+#: The command's line in `scbert --help`, and the opening of its own help.
 SUMMARY = "train a cell type classifier on a labelled .h5ad"
 DESCRIPTION = (
     "Train a cell type classifier on labelled cells and save the model folder. By default it starts from a new "
