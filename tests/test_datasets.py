@@ -170,10 +170,14 @@ def test_read_gene2vec_rejects_ragged_file(tmp_path):
 
 def test_settings_validation():
     s = scbert._settings.ScBERTSettings()
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ValueError, match=r"settings.precision must be one of \('auto', 'float32', .*got 'fp8'\."):
         s.precision = "fp8"
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match=r"settings.batch_size must be 'auto' or a positive integer, got 0\."):
         s.batch_size = 0
+    other = scbert._settings.ScBERTSettings()
+    other.batch_size, other.precision = 16, "bfloat16"  # a valid value is kept, per instance
+    assert (other.batch_size, other.precision, s.batch_size, s.precision) == (16, "bfloat16", "auto", "auto")
+    assert not hasattr(s, "num_workers")  # read by nothing, removed
     with pytest.raises(ValueError, match="device"):
         s.device = "tpu:7"
     s.device = "cpu"

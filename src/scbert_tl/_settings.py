@@ -1,13 +1,15 @@
-"""Package-wide settings: device, precision, batch size, workers, threads, kernels, verbosity, cache directory."""
+"""Package-wide settings: device, precision, batch size, threads, kernels, verbosity, cache directory."""
 
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch  # imported when first needed, so that `import scbert_tl` and `scbert --help` stay light
 
 _PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -21,6 +23,31 @@ def _env_flag(name: str, *, default: bool) -> bool:
     return value not in ("0", "false", "no", "off")
 
 
+def _auto_or_positive(value: object) -> bool:
+    return value == "auto" or (isinstance(value, int) and value >= 1)
+
+
+class _Checked:
+    """A setting checked on assignment, kept in the instance's ``_<name>``.
+
+    ``ok(value)`` false raises ``ValueError("settings.<name> must be <expected>, got <value>.")``.
+    """
+
+    def __init__(self, ok: Callable[[Any], bool], expected: str, doc: str) -> None:
+        self.ok, self.expected, self.__doc__ = ok, expected, doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, settings: object, owner: type | None = None) -> Any:
+        return self if settings is None else getattr(settings, f"_{self.name}")
+
+    def __set__(self, settings: object, value: Any) -> None:
+        if not self.ok(value):
+            raise ValueError(f"settings.{self.name} must be {self.expected}, got {value!r}.")
+        setattr(settings, f"_{self.name}", value)
+
+
 class ScBERTSettings:
     """Settings for :mod:`scbert_tl`, available as ``scbert.settings``.
 
@@ -31,7 +58,6 @@ class ScBERTSettings:
         self._device = "auto"
         self._precision = "auto"
         self._batch_size: int | str = "auto"
-        self._num_workers = 0
         self._n_threads: int | str = "auto"
         self._onednn = _env_flag("SCBERT_ONEDNN", default=True)
         self._compile = _env_flag("SCBERT_COMPILE", default=False)
@@ -74,16 +100,11 @@ class ScBERTSettings:
         return dev
 
     # precision ----------------------------------------------------------------------------------
-    @property
-    def precision(self) -> str:
-        """Matrix precision, ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``."""
-        return self._precision
-
-    @precision.setter
-    def precision(self, value: str) -> None:
-        if value not in _PRECISIONS:
-            raise ValueError(f"settings.precision must be one of {_PRECISIONS}, got {value!r}.")
-        self._precision = value
+    precision = _Checked(
+        lambda value: value in _PRECISIONS,
+        f"one of {_PRECISIONS}",
+        """Matrix precision, ``"auto"`` (bfloat16 autocast on CUDA, float32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.""",
+    )
 
     def resolve_dtype(self, device: torch.device, precision: str | None = None) -> torch.dtype:
         """The autocast dtype for ``device`` (float32 means no autocast)."""
@@ -96,32 +117,16 @@ class ScBERTSettings:
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return getattr(torch, precision)
 
-    # batch size and workers -----------------------------------------------------------------------
-    @property
-    def batch_size(self) -> int | str:
-        """Cells per forward pass, ``"auto"`` (sized to the device and model) or a positive integer."""
-        return self._batch_size
-
-    @batch_size.setter
-    def batch_size(self, value: int | str) -> None:
-        if value != "auto" and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"settings.batch_size must be 'auto' or a positive integer, got {value!r}.")
-        self._batch_size = value
-
-    @property
-    def num_workers(self) -> int:
-        """Data-loading worker processes (0 = load in the main process)."""
-        return self._num_workers
-
-    @num_workers.setter
-    def num_workers(self, value: int) -> None:
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"settings.num_workers must be a non-negative integer, got {value!r}.")
-        self._num_workers = value
+    batch_size = _Checked(
+        _auto_or_positive,
+        "'auto' or a positive integer",
+        """Cells per forward pass, ``"auto"`` (sized to the device and model) or a positive integer.""",
+    )
 
     # CPU threads and kernels ------------------------------------------------------------------------
-    @property
-    def n_threads(self) -> int | str:
+    n_threads = _Checked(
+        lambda value: _auto_or_positive(value) and not isinstance(value, bool),
+        "'auto' or a positive integer",
         """CPU threads of training and inference, ``"auto"`` (default) or a positive integer.
 
         ``"auto"`` uses one thread per physical core this process may run on (its CPU affinity and any
@@ -130,39 +135,21 @@ class ScBERTSettings:
         and other processes keep the cores busy. The count is set for the duration of each run and
         restored afterwards; the chosen count is logged. Results can differ in the last bits between
         thread counts: set a number for runs that must agree bit for bit across machines.
-        """
-        return self._n_threads
-
-    @n_threads.setter
-    def n_threads(self, value: int | str) -> None:
-        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"settings.n_threads must be 'auto' or a positive integer, got {value!r}.")
-        self._n_threads = value
-
-    @property
-    def onednn(self) -> bool:
+        """,
+    )
+    onednn = _Checked(
+        lambda value: isinstance(value, bool),
+        "True or False",
         """Whether float32 CPU products may use oneDNN with packed weights (on by default; ``SCBERT_ONEDNN=0`` turns it off).
 
         It is still only used where it is present and agrees with :func:`torch.nn.functional.linear`.
-        """
-        return self._onednn
-
-    @onednn.setter
-    def onednn(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"settings.onednn must be True or False, got {value!r}.")
-        self._onednn = value
-
-    @property
-    def compile(self) -> bool:
-        """Whether inference runs through ``torch.compile``'d encoder blocks (default: off; ``SCBERT_COMPILE=1`` turns it on)."""
-        return self._compile
-
-    @compile.setter
-    def compile(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"settings.compile must be True or False, got {value!r}.")
-        self._compile = value
+        """,
+    )
+    compile = _Checked(
+        lambda value: isinstance(value, bool),
+        "True or False",
+        """Whether inference runs through ``torch.compile``'d encoder blocks (off by default; ``SCBERT_COMPILE=1`` turns it on).""",
+    )
 
     # verbosity ----------------------------------------------------------------------------------
     @property
@@ -205,7 +192,7 @@ class ScBERTSettings:
 
     @property
     def hgnc_path(self) -> Path | None:
-        """A local HGNC complete-set table for gene alignment (``None``: the registry's copy, fetched once per process).
+        """A local HGNC complete-set table for gene alignment (``None`` for the registry's copy, fetched once per process).
 
         For machines without internet: download ``hgnc_complete_set.txt`` from genenames.org elsewhere and
         point this at it (or put it in the :attr:`~scbert_tl._settings.ScBERTSettings.cachedir` as
@@ -221,7 +208,7 @@ class ScBERTSettings:
 
     def __repr__(self) -> str:
         fields = (
-            "device", "precision", "batch_size", "num_workers", "n_threads", "onednn", "compile", "verbosity", "cachedir",
+            "device", "precision", "batch_size", "n_threads", "onednn", "compile", "verbosity", "cachedir",
             "hgnc_path",
         )  # fmt: skip
         return "ScBERTSettings(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in fields) + ")"

@@ -62,6 +62,25 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def add_command(
+    sub: argparse._SubParsersAction, name: str, summary: str, description: str, *, cells: str | None = None
+) -> argparse.ArgumentParser:
+    """Register command ``name``: ``summary`` is its line in ``scbert --help``, ``description`` opens its own help.
+
+    With ``cells``, it also takes the ``.h5ad`` to read as its first argument (``IN.h5ad``, helped with ``cells``).
+    """
+    parser = sub.add_parser(name, help=summary, description=description)
+    if cells is not None:
+        parser.add_argument("input", type=Path, metavar="IN.h5ad", help=cells)
+    return parser
+
+
+def data_options(parser: argparse.ArgumentParser) -> None:
+    """What a command that reads an ``.h5ad`` takes last: the input options, ``--device`` and the verbosity."""
+    input_options(parser)
+    compute_options(parser)
+
+
 def input_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input (see scbert.pp.bin)")
     group.add_argument(

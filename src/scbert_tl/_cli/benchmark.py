@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import compute_options, input_options, read_h5ad
+from ._common import data_options, read_h5ad
 from ._report import json_default, machine, markdown, mean_sd, save_figure, versions
 
 if TYPE_CHECKING:
@@ -78,8 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")
     bench.add_argument("--seed", type=int, default=0, help="seed of the folds and of the training")
     bench.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty REPORT_DIR")
-    input_options(bench)
-    compute_options(bench)
+    data_options(bench)
     return bench
 
 

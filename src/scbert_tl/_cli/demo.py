@@ -7,22 +7,24 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import compute_options
+from ._common import add_command, compute_options
 
 if TYPE_CHECKING:
     import argparse
 
 logger = logging.getLogger(__name__)
 
+#: The command's line in `scbert --help`, and the opening of its own help.
+SUMMARY = "fine-tune a compact model on scanpy's pbmc68k_reduced and annotate held-out cells"
+DESCRIPTION = (
+    "Fine-tune a compact scBERT on 80% of scanpy's bundled pbmc68k_reduced, annotate the other 20%, compare with L1 "
+    "logistic regression, and write an h5ad, a figure, the model and results.json."
+)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the command and its options."""
-    p = sub.add_parser(
-        "demo",
-        help="fine-tune a compact model on scanpy's pbmc68k_reduced and annotate held-out cells",
-        description="Fine-tune a compact scBERT on 80% of scanpy's bundled pbmc68k_reduced, annotate the other "
-        "20%, compare with L1 logistic regression, and write an h5ad, a figure, the model and results.json.",
-    )
+    p = add_command(sub, "demo", SUMMARY, DESCRIPTION)
     p.add_argument("--out", type=Path, default=Path("scbert_demo"), metavar="DIR", help="output folder")
     p.add_argument("--epochs", type=int, default=15, help="maximum fine-tuning epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the 80/20 split and of the training")

@@ -5,22 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import DEFAULT_MODEL, MODEL_HELP, compute_options, input_options, read_h5ad
+from ._common import DEFAULT_MODEL, MODEL_HELP, add_command, data_options, read_h5ad
 
 if TYPE_CHECKING:
     import argparse
 
+#: The command's line in `scbert --help`, and the opening of its own help.
+SUMMARY = "train a cell type classifier on a labelled .h5ad"
+DESCRIPTION = (
+    "Train a cell type classifier on labelled cells and save the model folder. By default it starts from a new "
+    "compact model, which runs offline on a laptop CPU; --model scbert-panglao starts from the published weights "
+    "(a download; a GPU advisable)."
+)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the command and its options."""
-    p = sub.add_parser(
-        "finetune",
-        help="train a cell type classifier on a labelled .h5ad",
-        description="Train a cell type classifier on labelled cells and save the model folder. By default it "
-        "starts from a new compact model, which runs offline on a laptop CPU; --model scbert-panglao starts "
-        "from the published weights (a download; a GPU advisable).",
-    )
-    p.add_argument("input", type=Path, metavar="IN.h5ad", help="labelled cells")
+    p = add_command(sub, "finetune", SUMMARY, DESCRIPTION, cells="labelled cells")
     p.add_argument("--label-key", required=True, help="obs column with the cell types")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL_DIR", help="model folder to write")
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
@@ -43,8 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the shuffling and new weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
-    input_options(p)
-    compute_options(p)
+    data_options(p)
     return p
 
 

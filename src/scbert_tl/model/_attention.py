@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .._docs import doc_params
 from ._favor import FEATURE_EPS, _add_contractions, _contractions_pay, fused_linear, onednn_available
 
 if TYPE_CHECKING:
@@ -292,7 +293,18 @@ def _block_column_sums(network: ScBERTNetwork, tokens: torch.Tensor, selected: l
             x = x + layer.ff(layer.ff_norm(x))
 
 
+#: The inputs of the attention read-outs, as numpydoc entries (see :func:`scbert_tl._docs.doc_params`).
+_INPUTS_DOC = """\
+network
+        The network.
+    tokens
+        ``(cells, n_genes)`` expression tokens in panel order.
+    layers
+        ``"all"``, a block index or a list of block indices (negative ones count from the end)."""
+
+
 @torch.inference_mode()
+@doc_params(inputs=_INPUTS_DOC)
 def column_sums(network: ScBERTNetwork, tokens: torch.Tensor, *, layers: Layers = "all") -> torch.Tensor:
     """Column sums of every head's row-normalised FAVOR+ attention matrix, in linear time.
 
@@ -301,12 +313,7 @@ def column_sums(network: ScBERTNetwork, tokens: torch.Tensor, *, layers: Layers 
 
     Parameters
     ----------
-    network
-        The network.
-    tokens
-        ``(cells, n_genes)`` expression tokens in panel order.
-    layers
-        ``"all"``, a block index or a list of block indices (negative ones count from the end).
+    {inputs}
 
     Returns
     -------
@@ -319,17 +326,13 @@ def column_sums(network: ScBERTNetwork, tokens: torch.Tensor, *, layers: Layers 
 
 
 @torch.inference_mode()
+@doc_params(inputs=_INPUTS_DOC)
 def attention_received(network: ScBERTNetwork, tokens: torch.Tensor, *, layers: Layers = "all") -> torch.Tensor:
     """The attention each position receives, averaged over heads and the selected blocks (scBERT's gene importance).
 
     Parameters
     ----------
-    network
-        The network.
-    tokens
-        ``(cells, n_genes)`` expression tokens in panel order.
-    layers
-        ``"all"``, a block index or a list of block indices (negative ones count from the end).
+    {inputs}
 
     Returns
     -------
@@ -346,20 +349,16 @@ def attention_received(network: ScBERTNetwork, tokens: torch.Tensor, *, layers: 
 
 
 @torch.inference_mode()
+@doc_params(inputs=_INPUTS_DOC)
 def attention_matrices(network: ScBERTNetwork, tokens: torch.Tensor, *, layers: Layers = "all") -> torch.Tensor:
-    """The explicit row-normalised FAVOR+ attention matrices (reference; small inputs only).
+    """The explicit row-normalised FAVOR+ attention matrices (reference; small inputs only: at most 4,096 positions).
 
     Built from each block's :meth:`~scbert_tl.model.FavorAttention.features` as ``D^-1 Q' K'^T``; the
     encoder advances with the blocks' own forward passes.
 
     Parameters
     ----------
-    network
-        The network (at most 4,096 positions).
-    tokens
-        ``(cells, n_genes)`` expression tokens in panel order.
-    layers
-        ``"all"``, a block index or a list of block indices.
+    {inputs}
 
     Returns
     -------

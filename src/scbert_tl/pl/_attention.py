@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .._docs import doc_ax_show, doc_params
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, plot_doc
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -55,7 +54,7 @@ def _table(
     return mean.loc[genes, groups].astype(float), genes, starts
 
 
-@doc_params(doc_ax_show=doc_ax_show)
+@plot_doc(after="attention")
 def attention(
     adata: AnnData,
     *,
@@ -76,10 +75,7 @@ def attention(
 
     Parameters
     ----------
-    adata
-        Cells after :func:`scbert_tl.tl.attention`.
-    key
-        The ``key_added`` of :func:`scbert_tl.tl.attention`.
+    {adata_key}
     n_genes
         Top genes per group.
     groups
@@ -95,11 +91,9 @@ def attention(
         what an average gene receives). With a single group, ``None`` is used.
     cmap
         Colour map.
-    {doc_ax_show}
+    {ax_show}
 
-    Returns
-    -------
-    The Axes, when not shown.
+    {returns_axes}
     """
     if kind not in ("heatmap", "dotplot"):
         raise ValueError(f"kind must be 'heatmap' or 'dotplot', got {kind!r}.")
@@ -139,5 +133,4 @@ def attention(
     ax.set_xlabel(adata.uns[key].get("params", {}).get("groupby") or "group")
     ax.set_ylabel("genes (top per group)")
     ax.figure.colorbar(image, ax=ax, label=label)
-    ax.grid(False)
     return finish(ax, show)

@@ -7,9 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._docs import doc_ax_show, doc_params
 from ..data import UNKNOWN, class_order
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, plot_doc
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -40,7 +39,7 @@ def confusion_table(adata: AnnData, *, truth: str, prediction: str = "scbert") -
     return pd.crosstab(t, p).reindex(index=rows, columns=cols, fill_value=0)
 
 
-@doc_params(doc_ax_show=doc_ax_show)
+@plot_doc()
 def confusion(
     adata: AnnData,
     *,
@@ -72,11 +71,9 @@ def confusion(
         count beneath; ``False``: by the count alone.
     cmap
         Colour map.
-    {doc_ax_show}
+    {ax_show}
 
-    Returns
-    -------
-    The Axes, when not shown.
+    {returns_axes}
     """
     table = confusion_table(adata, truth=truth, prediction=prediction)
     rows, cols = list(table.index), list(table.columns)
@@ -105,5 +102,4 @@ def confusion(
                     color="white" if values[i, j] > 0.6 * top else "black",
                 )
     ax.figure.colorbar(image, ax=ax, label="fraction of true type" if normalize else "cells")
-    ax.grid(False)
     return finish(ax, show)

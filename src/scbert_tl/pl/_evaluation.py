@@ -6,8 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._docs import doc_ax_show, doc_params
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, plot_doc
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -38,7 +37,7 @@ def _methods(frame: pd.DataFrame, methods: Sequence[str] | None) -> list[str]:
     return methods
 
 
-@doc_params(doc_ax_show=doc_ax_show)
+@plot_doc()
 def cross_validation(
     adata: AnnData,
     *,
@@ -64,11 +63,9 @@ def cross_validation(
         Columns of the results to show (``"accuracy"``, ``"macro_f1"``, ``"f1:<type>"``).
     methods
         Methods to show, in this order (default: all).
-    {doc_ax_show}
+    {ax_show}
 
-    Returns
-    -------
-    The Axes, when not shown.
+    {returns_axes}
     """
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     frame = _results(adata, key, "cross_validate", ["method", *metrics])
@@ -88,11 +85,10 @@ def cross_validation(
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("score (bar: mean; points: folds)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
-    ax.grid(False)
     return finish(ax, show)
 
 
-@doc_params(doc_ax_show=doc_ax_show)
+@plot_doc(after="reference_size_curve")
 def reference_size_curve(
     adata: AnnData,
     *,
@@ -106,19 +102,14 @@ def reference_size_curve(
 
     Parameters
     ----------
-    adata
-        Cells after :func:`scbert_tl.tl.reference_size_curve`.
-    key
-        Its ``key_added``.
+    {adata_key}
     metric
         Column of the results to show (``"accuracy"``, ``"macro_f1"``, ``"f1:<type>"``).
     methods
         Methods to show (default: all).
-    {doc_ax_show}
+    {ax_show}
 
-    Returns
-    -------
-    The Axes, when not shown.
+    {returns_axes}
     """
     frame = _results(adata, key, "reference_size_curve", ["method", "n_train", "fraction", metric])
     methods = _methods(frame, methods)
@@ -132,11 +123,10 @@ def reference_size_curve(
     ax.set_ylabel(metric.replace("_", " "))
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize="small", loc="lower right")
-    ax.grid(False)
     return finish(ax, show)
 
 
-@doc_params(doc_ax_show=doc_ax_show)
+@plot_doc(after="novel_type_detection")
 def novel_type_detection(
     adata: AnnData,
     *,
@@ -157,21 +147,16 @@ def novel_type_detection(
 
     Parameters
     ----------
-    adata
-        Cells after :func:`scbert_tl.tl.novel_type_detection`.
-    key
-        Its ``key_added``.
+    {adata_key}
     methods
         Methods to show (default: all).
     left_out
         Left-out types to show (default: all).
     mark
         Threshold to highlight (default: 0.5, the default of :func:`scbert_tl.tl.annotate`).
-    {doc_ax_show}
+    {ax_show}
 
-    Returns
-    -------
-    The Axes, when not shown.
+    {returns_axes}
     """
     frame = _results(
         adata, key, "novel_type_detection", ["method", "left_out", "threshold", "novel_recall", "known_accuracy"]
@@ -210,7 +195,6 @@ def novel_type_detection(
     stars = "; stars: chosen on validation cells" if chosen is not None and len(chosen) else ""
     ax.set_title(f"large dots: threshold {mark:g}{stars}", fontsize="small")
     ax.legend(fontsize="x-small", loc="best", title="left out")
-    ax.grid(False)
     return finish(ax, show)
 
 

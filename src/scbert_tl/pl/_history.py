@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._docs import doc_ax_show, doc_params
-from ._utils import finish, new_axes
+from ._utils import finish, new_axes, plot_doc
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -13,7 +12,7 @@ if TYPE_CHECKING:
     from .._scbert import ScBERT
 
 
-@doc_params(doc_ax_show=doc_ax_show)
+@plot_doc()
 def history(model: ScBERT, *, stage: str = "finetune", ax: Axes | None = None, show: bool | None = None) -> Axes | None:
     """Training loss and validation metrics per epoch, with the selected epoch marked.
 
@@ -24,7 +23,7 @@ def history(model: ScBERT, *, stage: str = "finetune", ax: Axes | None = None, s
         with its history).
     stage
         Which records to show: ``"finetune"`` or ``"pretrain"`` (a model keeps both).
-    {doc_ax_show}
+    {ax_show}
 
     Returns
     -------
@@ -56,5 +55,4 @@ def history(model: ScBERT, *, stage: str = "finetune", ax: Axes | None = None, s
         lines.append(ax.lines[-1])
         labels.append("selected epoch")
     ax.legend(lines, labels, loc="center right", fontsize="small")
-    ax.grid(False)
     return finish(ax, show)

@@ -31,6 +31,7 @@ from ._checkpoint import (
 )
 from ._distributed import DistContext, all_reduce, resolve_device
 from ._inference import auto_batch_size
+from ._masking import Masking
 from ._mlm_eval import evaluate_masked, prepare_validation
 from ._plan import TrainingPlan, parameter_groups, warmup_steps
 from ._step import PretrainResult, redraw_projections
@@ -226,14 +227,9 @@ class _Pretrainer:
             self.model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
             )
-        c, a = self.network.config, self.a
-        self.validation = (
-            prepare_validation(
-                self.plan, self.seed, mask_token=c.mask_token, mask_prob=a["mask_prob"], replace_prob=a["replace_prob"]
-            )
-            if self.plan.validation.size
-            else None
-        )
+        a = self.a
+        self.masking = Masking(self.network.config.mask_token, a["mask_prob"], a["replace_prob"])
+        self.validation = prepare_validation(self.plan, self.seed, self.masking) if self.plan.validation.size else None
         if self.ctx.is_main:
             logger.info(
                 "Pretraining on %d cells (%d held out) in %d process(es): %d steps of %d x %d x %d cells, %s schedule, lr %.2g.",
@@ -310,9 +306,8 @@ class _Pretrainer:
                     batches,
                     rng=derive_rng(self.seed, MASK, self.ctx.rank, self.step),
                     plan=self.training,
+                    masking=self.masking,
                     max_grad_norm=a["max_grad_norm"],
-                    mask_prob=a["mask_prob"],
-                    replace_prob=a["replace_prob"],
                     device=self.dev,
                     dtype=self.dtype,
                     ctx=self.ctx,

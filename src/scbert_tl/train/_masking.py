@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -55,6 +56,25 @@ def mask_values(
     v = rng.random(values.size)
     chosen = (values != 0) & (u < mask_prob)
     return np.where(chosen & (v < replace_prob), np.int8(mask_token), values).astype(np.int8), chosen
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How a pretraining run masks tokens, in training steps and held-out cells alike (see :func:`mask_tokens`)."""
+
+    mask_token: int
+    mask_prob: float
+    replace_prob: float
+
+    def tokens(self, tokens: sp.csr_matrix, rng: np.random.Generator) -> tuple[sp.csr_matrix, np.ndarray]:
+        """:func:`mask_tokens` of ``tokens``."""
+        return mask_tokens(
+            tokens, rng, mask_token=self.mask_token, mask_prob=self.mask_prob, replace_prob=self.replace_prob
+        )
+
+    def values(self, values: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`mask_values` of the stored values of one cell."""
+        return mask_values(values, rng, self.mask_token, self.mask_prob, self.replace_prob)
 
 
 def dense(csr: sp.csr_matrix, data: np.ndarray | None = None) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ._distributed import all_reduce
 from ._inference import autocast
-from ._masking import dense, mask_values, mode_baseline
+from ._masking import dense, mode_baseline
 from ._stream import EVAL, StreamPlan, derive_rng
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from ..model import ScBERTNetwork
     from ._distributed import DistContext
+    from ._masking import Masking
 
 
 @dataclass
@@ -29,16 +30,15 @@ class Validation:
     chosen: np.ndarray  # per stored entry of targets
 
 
-def prepare_validation(
-    plan: StreamPlan, seed: int, *, mask_token: int, mask_prob: float, replace_prob: float
-) -> Validation:
+def prepare_validation(plan: StreamPlan, seed: int, masking: Masking) -> Validation:
+    """The held-out cells of ``plan`` with their masks, drawn per cell (``(seed, EVAL, cell id)``) so they never change."""
     ids, tokens = plan.validation_cells()
     inputs = tokens.copy()
     chosen = np.zeros(tokens.nnz, dtype=bool)
     for row, cid in enumerate(ids):
         a, b = tokens.indptr[row], tokens.indptr[row + 1]
         rng = derive_rng(seed, EVAL, int(cid))
-        inputs.data[a:b], chosen[a:b] = mask_values(tokens.data[a:b], rng, mask_token, mask_prob, replace_prob)
+        inputs.data[a:b], chosen[a:b] = masking.values(tokens.data[a:b], rng)
     return Validation(ids, inputs, tokens, chosen)
 
 
@@ -52,6 +52,11 @@ def evaluate_masked(
     dtype: torch.dtype,
     ctx: DistContext,
 ) -> dict[str, float]:
+    """Masked-token loss and accuracy on the held-out cells beside the mode baseline's, summed over ranks.
+
+    Returns ``val_loss``, ``val_accuracy``, ``baseline_accuracy`` and ``baseline_loss`` (per masked
+    position), ``val_masked`` (masked positions) and ``val_cells``.
+    """
     c = network.config
     was_training = network.training
     network.eval()

@@ -14,13 +14,14 @@ from torch import nn
 from ..model import FavorAttention
 from ._distributed import DistContext, all_reduce
 from ._inference import autocast
-from ._masking import dense, mask_tokens
+from ._masking import dense
 from ._stream import REDRAW, derive_int
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
 
     from ..model import ScBERTNetwork
+    from ._masking import Masking
     from ._plan import TrainingPlan
 
 
@@ -71,20 +72,16 @@ def train_step(
     *,
     rng: np.random.Generator,
     plan: TrainingPlan,
+    masking: Masking,
     max_grad_norm: float | None,
-    mask_prob: float,
-    replace_prob: float,
     device: torch.device,
     dtype: torch.dtype,
     ctx: DistContext,
 ) -> tuple[float, float]:
     """One optimiser step over ``batches`` (micro-batches); returns this rank's loss sum and chosen positions."""
-    c = network.config
     prepared = []
     for tokens in batches:
-        masked, chosen = mask_tokens(
-            tokens, rng, mask_token=c.mask_token, mask_prob=mask_prob, replace_prob=replace_prob
-        )
+        masked, chosen = masking.tokens(tokens, rng)
         prepared.append((masked, chosen, tokens.data[chosen].astype(np.int64)))
     n_local = float(sum(int(p[1].sum()) for p in prepared))
     n_global = all_reduce([n_local], ctx, device)[0]
