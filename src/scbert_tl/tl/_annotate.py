@@ -5,81 +5,26 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
-
 from ..data import UNKNOWN
-from ..train._calibration import NOVELTY_SCORE, novelty_scores, softmax, threshold_for_rate
+from ..train._calibration import threshold_for_rate
 from ..train._inference import check_compute
+from ..train._predict import logits as _logits  # noqa: F401 (tl/_files.py imports it from here)
+from ._predict import Annotation, call_cells, probabilities_and_scores, require_classifier  # noqa: F401 (and tl/_files.py)
 from ._resolve import model_for_inference
-from ._stream import check_copy, model_outputs
+from ._stream import check_copy
 
 if TYPE_CHECKING:
     import os
 
-    import torch
     from anndata import AnnData
 
     from .._scbert import ScBERT
-    from ..model import ScBERTNetwork
 
 logger = logging.getLogger(__name__)
 
 #: Share of known cells called "unknown" that ``unknown_threshold="auto"`` aims for.
 DEFAULT_FALSE_UNKNOWN_RATE = 0.05
-
-
-def _logits(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
-    return network(x).float()
-
-
-def predict_cells(
-    adata: AnnData,
-    m: ScBERT,
-    *,
-    gene_key: str | None = None,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    precision: str | None = None,
-    chunk_size: int | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Class probabilities (calibrated when the model has a temperature) and every novelty score of each cell."""
-    _require_classifier(m)
-    logits = model_outputs(
-        adata,
-        m,
-        _logits,
-        gene_key=gene_key,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        device=device,
-        precision=precision,
-        desc="annotate",
-    )
-    return probabilities_and_scores(m, logits)
-
-
-def probabilities_and_scores(m: ScBERT, logits: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Class probabilities (calibrated with the model's temperature) and every novelty score, from logits."""
-    temperature = m.calibration["temperature"] if m.calibration else 1.0
-    return softmax(logits, temperature), novelty_scores(logits, temperature)
-
-
-def call_cells(
-    probs: np.ndarray, scores: dict[str, np.ndarray], rule: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each cell's most likely class, its probability, and whether the unknown ``rule`` calls the cell unknown."""
-    best = probs.argmax(1)
-    confidence = probs[np.arange(probs.shape[0]), best]
-    if rule["score"] == NOVELTY_SCORE:
-        unknown = scores[NOVELTY_SCORE] > rule["threshold"]
-    else:
-        unknown = confidence < rule["threshold"]
-    return best, confidence, unknown
+_require_classifier = require_classifier  # the name tl/_files.py imports
 
 
 def annotate_params(m: ScBERT, unknown_threshold: float | str, rule: dict[str, Any]) -> dict[str, Any]:
@@ -108,14 +53,6 @@ def log_calls(n_cells: int, n_unknown: int, rule: dict[str, Any]) -> None:
         if rule["false_unknown_rate"] is not None
         else f"highest probability below {rule['threshold']:.2f}",
     )
-
-
-def _require_classifier(m: ScBERT) -> None:
-    if m.classes is None or m.network.classifier is None:
-        raise ValueError(
-            "This model has no classifier (it is pretrained only); fine-tune it first: "
-            "model = scbert.tl.finetune(reference, 'cell_type', model=model)."
-        )
 
 
 def _unknown_rule(m: ScBERT, unknown_threshold: float | str, false_unknown_rate: float | None) -> dict[str, Any]:
@@ -230,9 +167,9 @@ def annotate(
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
-    _require_classifier(m)
+    require_classifier(m)
     rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
-    probs, scores = predict_cells(
+    annotation = Annotation.predict(
         adata,
         m,
         gene_key=gene_key,
@@ -243,22 +180,6 @@ def annotate(
         precision=precision,
         chunk_size=chunk_size,
     )
-    best, confidence, unknown = call_cells(probs, scores, rule)
-    names = np.asarray(m.classes, dtype=object)[best]
-    names[unknown] = UNKNOWN
-    for key in (key_added, f"{key_added}_confidence", f"{key_added}_novelty"):
-        if key in adata.obs:
-            logger.info("annotate: replacing adata.obs[%r]", key)
-    adata.obs[key_added] = pd.Categorical(names, categories=[*m.classes, UNKNOWN])
-    adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
-    adata.obs[f"{key_added}_novelty"] = scores[NOVELTY_SCORE].astype(np.float32)
-    adata.obsm[f"{key_added}_probabilities"] = probs.astype(np.float32)
-    record = dict(adata.uns.get(key_added, {}))
-    record["classes"] = list(m.classes)
-    record["params"] = {
-        **dict(record.get("params", {})),
-        "annotate": annotate_params(m, unknown_threshold, rule),
-    }
-    adata.uns[key_added] = record
-    log_calls(adata.n_obs, int(unknown.sum()), rule)
+    n_unknown = annotation.write(adata, key_added, rule, annotate_params(m, unknown_threshold, rule))
+    log_calls(adata.n_obs, n_unknown, rule)
     return adata if copy else None

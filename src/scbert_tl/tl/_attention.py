@@ -11,9 +11,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data import PANEL_INDEX
-from ..model._attention import attention_received, resolve_layers
+from ..model._attention import resolve_layers
 from ..train import run_batches
 from ..train._inference import check_compute
+from ..train._predict import panel_attention
 from ._data import tokens_for
 from ._resolve import model_for_inference
 
@@ -21,23 +22,17 @@ if TYPE_CHECKING:
     import os
     from collections.abc import Sequence
 
-    import torch
     from anndata import AnnData
 
     from .._scbert import ScBERT
     from ..data import TokenMatrix
     from ..model import ScBERTNetwork
-    from ..model._attention import Layers
 
 logger = logging.getLogger(__name__)
 
 #: Cells per call of the batched inference: bounds the dense ``cells x panel`` block held at once.
 CELLS_PER_CALL = 1024
 ALL_CELLS = "all cells"
-
-
-def _panel_attention(network: ScBERTNetwork, x: torch.Tensor, *, layers: Layers) -> torch.Tensor:
-    return attention_received(network, x, layers=layers)[:, :-1]  # the panel genes, not the appended position
 
 
 def _groups(adata: AnnData, groupby: str | None) -> tuple[str | None, np.ndarray, list[str]]:
@@ -82,7 +77,7 @@ def _group_sums(
     """
     sums = np.zeros((n_groups, tokens.n_genes), dtype=np.float64)
     rows = np.flatnonzero(codes >= 0) if not per_cell else np.arange(codes.size)
-    fn = partial(_panel_attention, layers=blocks)
+    fn = partial(panel_attention, layers=blocks)
     kept = []
     for start in range(0, rows.size, CELLS_PER_CALL):
         chunk = rows[start : start + CELLS_PER_CALL]

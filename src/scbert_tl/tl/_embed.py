@@ -8,39 +8,19 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from ..train._inference import check_compute
+from ..train._predict import mean_encoding as _mean_encoding  # noqa: F401 (tl/_files.py imports it from here)
+from ._predict import output_fn, predict  # noqa: F401 (output_fn: tl/_files.py imports it from here)
 from ._resolve import model_for_inference
-from ._stream import check_copy, model_outputs
+from ._stream import check_copy
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Callable
 
-    import torch
     from anndata import AnnData
 
     from .._scbert import ScBERT
-    from ..model import ScBERTNetwork
 
 logger = logging.getLogger(__name__)
-
-
-def _mean_encoding(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
-    return network.encode(x)[:, :-1].float().mean(dim=1)  # the panel genes, not the appended position
-
-
-def _classifier_hidden(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
-    head = network.classifier  # its forward pass up to the last hidden layer (dropout is off in eval)
-    h = head.act(head.reduce(network.encode(x)).squeeze(-1))
-    return head.act(head.fc2(head.act(head.fc1(h)))).float()
-
-
-def output_fn(m: ScBERT, representation: str) -> Callable[[ScBERTNetwork, torch.Tensor], torch.Tensor]:
-    """The network function of ``representation``, checked against the model."""
-    if representation not in ("genes", "classifier"):
-        raise ValueError(f"representation must be 'genes' or 'classifier', got {representation!r}.")
-    if representation == "classifier" and m.network.classifier is None:
-        raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
-    return _mean_encoding if representation == "genes" else _classifier_hidden
 
 
 def embed(
@@ -102,18 +82,17 @@ def embed(
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
-    fn = output_fn(m, representation)
-    emb = model_outputs(
+    emb = predict(
         adata,
         m,
-        fn,
+        representation,
         gene_key=gene_key,
         layer=layer,
         use_raw=use_raw,
         batch_size=batch_size,
-        chunk_size=chunk_size,
         device=device,
         precision=precision,
+        chunk_size=chunk_size,
         desc="embed",
     )
     if key_added in adata.obsm:

@@ -190,8 +190,8 @@ def predict(
     scores: dict[str, np.ndarray] = {}
     validation_scores: dict[str, np.ndarray] = {}
     if method == "scbert":
-        from ._annotate import predict_cells
         from ._finetune import finetune
+        from ._predict import Annotation
 
         if held is not None:
             validation = list(ref.obs_names[held])
@@ -199,11 +199,15 @@ def predict(
             ref, label_key, model=model, validation=validation, rng=seed, split_key=None, **(finetune_kwargs or {})
         )
         kwargs = {k: v for k, v in (finetune_kwargs or {}).items() if k in INPUT_KEYS}
-        probs, scores = predict_cells(query, m, **kwargs)
-        classes = list(m.classes)
-        labels = np.asarray(classes, dtype=str)[probs.argmax(1)]
+        annotation = Annotation.predict(query, m, **kwargs)
+        probs, scores, classes, labels = (
+            annotation.probabilities,
+            annotation.scores,
+            annotation.classes,
+            annotation.labels,
+        )
         if novelty:
-            validation_scores = predict_cells(ref[held].copy(), m, **kwargs)[1]
+            validation_scores = Annotation.predict(ref[held].copy(), m, **kwargs).scores
     elif method == "l1_logistic":
         clf = _fit_l1(ref_x[fit], truth[fit], seed)
         probs, classes = clf.predict_proba(query_x), [str(c) for c in clf.classes_]
