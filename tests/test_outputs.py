@@ -84,9 +84,7 @@ def test_integer_labels_are_ordered_naturally_in_finetune_and_the_evaluation(rng
     model = scbert.tl.finetune(adata, "cell_type", model=ScBERT.new(GENES, seed=0, **TINY), epochs=1)
     assert model.classes == ["1", "2", "10"]
     adata.obs["as_text"] = adata.obs["cell_type"].astype(str)  # the same labels stored as text
-    assert comparison(
-        adata, "as_text", model=model, validation=0.1, rng=0, baselines=[], finetune_kwargs=None
-    ).classes == ["1", "2", "10"]
+    assert comparison(adata, "as_text", model, 0.1, 0, [], None).classes == ["1", "2", "10"]
     scbert.tl.annotate(adata, model)
     table = scbert.pl.confusion_table(adata, truth="as_text")
     assert list(table.index) == ["1", "2", "10"]

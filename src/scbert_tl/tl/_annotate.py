@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
+from .._docs import doc_params
 from ..data import UNKNOWN
 from ..train._calibration import threshold_for_rate
 from ..train._inference import check_compute
 from ..train._predict import logits as _logits  # noqa: F401 (tl/_files.py imports it from here)
-from ._predict import Annotation, call_cells, probabilities_and_scores, require_classifier  # noqa: F401 (and tl/_files.py)
+from ._docs import FRAGMENTS
+from ._predict import Annotation, call_cells, options_of, probabilities_and_scores, require_classifier  # noqa: F401 (and tl/_files.py)
 from ._resolve import model_for_inference
 from ._stream import check_copy
 
@@ -80,6 +82,7 @@ def _unknown_rule(m: ScBERT, unknown_threshold: float | str, false_unknown_rate:
     return {"score": "probability", "threshold": float(unknown_threshold), "false_unknown_rate": None}
 
 
+@doc_params(**FRAGMENTS)
 def annotate(
     adata: AnnData,
     model: str | os.PathLike | ScBERT,
@@ -130,13 +133,9 @@ def annotate(
         Name of the ``obs`` column and prefix of the other slots.
     batch_size
         Cells per forward pass (default: :attr:`scbert.settings.batch_size <scbert_tl._settings.ScBERTSettings.batch_size>`).
-    gene_key, layer, use_raw
-        Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
-        (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
-    device
-        Compute device (default: the setting).
-    precision
-        Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    {doc_inputs}
+    {doc_device}
+    {doc_precision}
     chunk_size
         Cells read at a time when ``adata`` is out of core (opened with ``backed="r"``, or a dask
         array as input): such data is read and binned a chunk at a time and never written to, so
@@ -150,11 +149,11 @@ def annotate(
 
     ``adata.obs[key_added]``
         Predicted type (categorical: the model's classes and ``"unknown"``).
-    ``adata.obs[f"{key_added}_confidence"]``
+    ``adata.obs[f"{{key_added}}_confidence"]``
         Probability of the most likely class (calibrated).
-    ``adata.obs[f"{key_added}_novelty"]``
+    ``adata.obs[f"{{key_added}}_novelty"]``
         The energy score (higher: less like any type of the model).
-    ``adata.obsm[f"{key_added}_probabilities"]``
+    ``adata.obsm[f"{{key_added}}_probabilities"]``
         Probability of every class (calibrated), columns in the order of ``adata.uns[key_added]["classes"]``.
     ``adata.uns[key_added]``
         ``"classes"``, and the parameters under ``["params"]["annotate"]``: the rule that called
@@ -162,6 +161,7 @@ def annotate(
         ``"false_unknown_rate"``)
         and the ``"temperature"`` (the record of :func:`scbert_tl.pp.bin` at the same key is kept).
     """
+    arguments = dict(locals())
     check_compute(device, precision, batch_size)  # before anything is written
     check_copy(adata, copy)
     if copy:
@@ -169,17 +169,7 @@ def annotate(
     m = model_for_inference(model, adata)
     require_classifier(m)
     rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
-    annotation = Annotation.predict(
-        adata,
-        m,
-        gene_key=gene_key,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        chunk_size=chunk_size,
-    )
+    annotation = Annotation.predict(adata, m, **options_of(arguments))
     n_unknown = annotation.write(adata, key_added, rule, annotate_params(m, unknown_threshold, rule))
     log_calls(adata.n_obs, n_unknown, rule)
     return adata if copy else None

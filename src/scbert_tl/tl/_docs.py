@@ -18,6 +18,10 @@ gene_key, layer, use_raw
         Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
         (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``)."""
 
+doc_batch_size = """\
+batch_size
+        Cells per forward pass (default: the setting)."""
+
 doc_device = """\
 device
         Compute device (default: the setting)."""
@@ -58,3 +62,6 @@ finetune_kwargs
 doc_key_added = """\
 key_added
         Key in ``adata.uns`` for the results."""
+
+#: Every fragment above by name: ``@doc_params(**FRAGMENTS)`` fills whichever a docstring names.
+FRAGMENTS = {name: text for name, text in globals().items() if name.startswith("doc_")}

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .._docs import doc_params
 from ..train._inference import check_compute
 from ..train._predict import mean_encoding as _mean_encoding  # noqa: F401 (tl/_files.py imports it from here)
-from ._predict import output_fn, predict  # noqa: F401 (output_fn: tl/_files.py imports it from here)
+from ._docs import FRAGMENTS
+from ._predict import options_of, output_fn, predict  # noqa: F401 (output_fn: tl/_files.py imports it from here)
 from ._resolve import model_for_inference
 from ._stream import check_copy
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+@doc_params(**FRAGMENTS)
 def embed(
     adata: AnnData,
     model: str | os.PathLike | ScBERT,
@@ -48,53 +51,33 @@ def embed(
 
     Parameters
     ----------
-    adata
-        Cells (raw counts or log-normalised; binned for the model's panel when needed).
-    model
-        A pretrained or fine-tuned :class:`~scbert_tl.ScBERT`, a registry name, or a saved model's path.
+    {doc_cells}
     representation
         ``"genes"``: mean of the final-layer vectors of the panel genes (width of the model);
         ``"classifier"``: the classifier head's last hidden layer (fine-tuned models only).
     key_added
         Key in ``adata.obsm``.
-    batch_size
-        Cells per forward pass (default: the setting).
-    gene_key, layer, use_raw
-        Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
-        (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
-    device
-        Compute device (default: the setting).
-    precision
-        Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    {doc_batch_size}
+    {doc_inputs}
+    {doc_device}
+    {doc_precision}
     chunk_size
         Cells read at a time when ``adata`` is out of core (opened with ``backed="r"``, or a dask
         array as input; see :func:`~scbert_tl.tl.annotate`). Default 8192.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_copy}
 
     Returns
     -------
     ``None``, or the copy with ``copy=True``. Writes ``adata.obsm[key_added]`` (cells x model width,
     float32) and nothing else (the bins of :func:`scbert_tl.pp.bin` when they were missing).
     """
+    arguments = dict(locals())
     check_compute(device, precision, batch_size)  # before anything is written
     check_copy(adata, copy)
     if copy:
         adata = adata.copy()
     m = model_for_inference(model, adata)
-    emb = predict(
-        adata,
-        m,
-        representation,
-        gene_key=gene_key,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        chunk_size=chunk_size,
-        desc="embed",
-    )
+    emb = predict(adata, m, representation, desc="embed", **options_of(arguments))
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)
     adata.obsm[key_added] = emb.astype(np.float32)

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Output = Literal["logits", "genes", "classifier"]
+#: The tools' input and compute arguments, passed on by :func:`predict`.
+OPTIONS = ("gene_key", "layer", "use_raw", "batch_size", "device", "precision", "chunk_size")
 _FUNCTIONS = {"logits": logits, "genes": mean_encoding, "classifier": classifier_hidden}
 
 
@@ -53,43 +55,24 @@ def output_fn(m: ScBERT, representation: str) -> Callable[[ScBERTNetwork, torch.
     return _FUNCTIONS[representation]
 
 
-def predict(
-    adata: AnnData,
-    m: ScBERT,
-    output: Output,
-    *,
-    gene_key: str | None = None,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    precision: str | None = None,
-    chunk_size: int | None = None,
-    desc: str = "scBERT",
-) -> np.ndarray:
+def predict(adata: AnnData, m: ScBERT, output: Output, *, desc: str = "scBERT", **options: Any) -> np.ndarray:
     """The model's ``output`` for every cell of ``adata`` (cells x width, float32; in memory or streamed).
 
     ``"logits"``: the classifier's logits; ``"genes"`` and ``"classifier"``: the embeddings of
-    :func:`~scbert_tl.tl.embed`. The input and compute options are those of the tools.
+    :func:`~scbert_tl.tl.embed`. ``options`` are the tools' input and compute arguments
+    (:data:`OPTIONS`; see :func:`~scbert_tl.tl._stream.model_outputs`).
     """
     if output == "logits":
         require_classifier(m)
         fn = logits
     else:
         fn = output_fn(m, output)
-    return model_outputs(
-        adata,
-        m,
-        fn,
-        gene_key=gene_key,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        device=device,
-        precision=precision,
-        desc=desc,
-    )
+    return model_outputs(adata, m, fn, desc=desc, **options)
+
+
+def options_of(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`OPTIONS` among a tool's ``arguments`` (its ``locals()``), to pass on to :func:`predict`."""
+    return {k: arguments[k] for k in OPTIONS if k in arguments}
 
 
 def probabilities_and_scores(m: ScBERT, logits: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:

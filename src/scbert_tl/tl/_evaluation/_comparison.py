@@ -101,17 +101,18 @@ class Comparison:
 def comparison(
     adata: AnnData,
     label_key: str,
-    *,
     model: str | os.PathLike | ScBERT,
     validation: float,
     rng: int,
     baselines: Sequence[str],
     finetune_kwargs: dict[str, Any] | None,
+    *,
     baseline_input: bool = True,
 ) -> Comparison:
     """Check the labels and the input, and make the baselines' log-normalised expression (when there are baselines).
 
-    ``baseline_input=False``: leave the expression to the caller.
+    The arguments after ``label_key`` are the protocol's own. ``baseline_input=False``: leave the
+    expression to the caller.
     """
     from ...data import class_order, input_params
     from .._finetune import check_labels_present

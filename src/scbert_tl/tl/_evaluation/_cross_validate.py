@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..._docs import doc_params
-from .._docs import doc_key_added, doc_labelled
+from .._docs import FRAGMENTS
 from ._comparison import comparison, score_row, store, summarise
 from ._folds import folds_param, iter_folds
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@doc_params(doc_key_added=doc_key_added, doc_labelled=doc_labelled)
+@doc_params(**FRAGMENTS)
 def cross_validate(
     adata: AnnData,
     label_key: str,
@@ -80,15 +80,7 @@ def cross_validate(
     frame), ``"summary"`` (mean and sd per method), ``"confusion"`` (summed over folds, per method),
     ``"classes"``, ``"folds"`` (each cell's test fold per repeat) and ``"params"``.
     """
-    data = comparison(
-        adata,
-        label_key,
-        model=model,
-        validation=validation,
-        rng=rng,
-        baselines=baselines,
-        finetune_kwargs=finetune_kwargs,
-    )
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     classes = data.classes
     rows: list[dict[str, Any]] = []
     confusion = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in data.methods}

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..._docs import doc_params
-from .._docs import doc_baselines, doc_finetune_kwargs, doc_folds, doc_key_added, doc_labelled
+from .._docs import FRAGMENTS
 from ._comparison import comparison, score_row, store, summarise
 from ._folds import folds_param, iter_folds
 
@@ -64,13 +64,7 @@ def _design(
     return design, n_large, n_small
 
 
-@doc_params(
-    doc_labelled=doc_labelled,
-    doc_folds=doc_folds,
-    doc_baselines=doc_baselines,
-    doc_finetune_kwargs=doc_finetune_kwargs,
-    doc_key_added=doc_key_added,
-)
+@doc_params(**FRAGMENTS)
 def class_imbalance(
     adata: AnnData,
     label_key: str,
@@ -126,15 +120,7 @@ def class_imbalance(
     ``adata.uns[key_added]`` with ``"results"``, ``"summary"``, ``"design"`` (training cells per
     type), ``"rare"`` (the rare types), ``"training_cells"`` (obs names per fold) and ``"params"``.
     """
-    data = comparison(
-        adata,
-        label_key,
-        model=model,
-        validation=validation,
-        rng=rng,
-        baselines=baselines,
-        finetune_kwargs=finetune_kwargs,
-    )
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     types = _types(data.labels, types, label_key)
     rare = types[1::2]
     runs = list(iter_folds(data.labels, n_splits, 1, rng, folds))

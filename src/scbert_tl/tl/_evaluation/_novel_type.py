@@ -11,7 +11,7 @@ import pandas as pd
 from ..._docs import doc_params
 from ...train._calibration import NOVELTY_SCORE, expected_calibration_error
 from .._annotate import DEFAULT_FALSE_UNKNOWN_RATE
-from .._docs import doc_baselines, doc_finetune_kwargs, doc_folds, doc_key_added
+from .._docs import FRAGMENTS
 from .._finetune import stratified_split
 from ._comparison import comparison, store
 from ._folds import folds_param, iter_folds
@@ -29,12 +29,7 @@ logger = logging.getLogger(__name__)
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-@doc_params(
-    doc_folds=doc_folds,
-    doc_baselines=doc_baselines,
-    doc_finetune_kwargs=doc_finetune_kwargs,
-    doc_key_added=doc_key_added,
-)
+@doc_params(**FRAGMENTS)
 def novel_type_detection(
     adata: AnnData,
     label_key: str,
@@ -109,15 +104,7 @@ def novel_type_detection(
     were predicted as without a threshold: method, left_out, fold, predicted, n) and ``"params"``.
     """
     thresholds = _check_args(thresholds, false_unknown_rate, validation)
-    data = comparison(
-        adata,
-        label_key,
-        model=model,
-        validation=validation,
-        rng=rng,
-        baselines=baselines,
-        finetune_kwargs=finetune_kwargs,
-    )
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     leave_out = _leave_out(leave_out, data.classes, label_key)
     rows: list[dict[str, Any]] = []
     chosen: list[dict[str, Any]] = []

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..._docs import doc_params
-from .._docs import doc_baselines, doc_finetune_kwargs, doc_folds, doc_key_added, doc_labelled
+from .._docs import FRAGMENTS
 from ._comparison import comparison, score_row, store, summarise
 from ._folds import folds_param, iter_folds, stratified_subsample
 
@@ -26,13 +26,7 @@ logger = logging.getLogger(__name__)
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-@doc_params(
-    doc_labelled=doc_labelled,
-    doc_folds=doc_folds,
-    doc_baselines=doc_baselines,
-    doc_finetune_kwargs=doc_finetune_kwargs,
-    doc_key_added=doc_key_added,
-)
+@doc_params(**FRAGMENTS)
 def reference_size_curve(
     adata: AnnData,
     label_key: str,
@@ -79,15 +73,7 @@ def reference_size_curve(
     fractions = sorted({float(f) for f in fractions})
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ValueError(f"fractions must be in (0, 1], got {fractions}.")
-    data = comparison(
-        adata,
-        label_key,
-        model=model,
-        validation=validation,
-        rng=rng,
-        baselines=baselines,
-        finetune_kwargs=finetune_kwargs,
-    )
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     rows: list[dict[str, Any]] = []
     subsets: dict[str, dict[str, np.ndarray]] = {}
     for _, fold, train, test, _ in iter_folds(data.labels, n_splits, 1, rng, folds):

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from ..._docs import doc_params
 from ...data import class_order
-from .._docs import doc_baselines, doc_finetune_kwargs, doc_model
+from .._docs import FRAGMENTS
 from ._comparison import comparison, score_row, store, summarise
 from ._levels import shared_labels, shared_prediction, to_shared
 from ._methods import INPUT_KEYS, gene_ids, log_normalised, predict
@@ -83,7 +83,7 @@ def _training_genes(parts: list[AnnData]) -> pd.Index:
 
 
 # ------------------------------------------------------------------------------------------ the protocol
-@doc_params(doc_model=doc_model, doc_baselines=doc_baselines, doc_finetune_kwargs=doc_finetune_kwargs)
+@doc_params(**FRAGMENTS)
 def dataset_transfer(
     adatas: Sequence[AnnData] | Mapping[str, AnnData],
     label_key: str,
@@ -177,16 +177,7 @@ def dataset_transfer(
         raise ValueError("finetune_kwargs may not set 'genes_measured_in': the query's genes are used (query_genes).")
     input_kwargs = {k: finetune_kwargs.pop(k) for k in INPUT_KEYS if k in finetune_kwargs}
     checked = [
-        comparison(
-            a,
-            label_key,
-            model=model,
-            validation=validation,
-            rng=rng,
-            baselines=baselines,
-            finetune_kwargs=finetune_kwargs,
-            baseline_input=False,
-        )
+        comparison(a, label_key, model, validation, rng, baselines, finetune_kwargs, baseline_input=False)
         for a in adatas
     ]
     methods = checked[0].methods
