@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import os
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,12 +13,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._options import PretrainOptions
-from .._scbert import PRETRAINED, ScBERT
+from .._scbert import ScBERT
 from .._version import __version__
 from ..train._stream import SAMPLE, derive_rng
 from ._data import as_items, item_name, source_for
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Iterator, Sequence
 
     import torch
@@ -103,30 +102,14 @@ def _compact_genes(items: list[AnnData | Path], *, n_genes: int, seed: int) -> l
     return [panel[i] for i in np.sort(cols)]
 
 
-def _new_compact(items: list[AnnData | Path], *, n_genes: int, seed: int) -> ScBERT:
-    from ._resolve import COMPACT
-
-    genes = _compact_genes(items, n_genes=n_genes, seed=seed)
-    model = ScBERT.new(genes, seed=seed, lm_head=True, gene_emb_trainable=True, **COMPACT)
-    model.provenance["source"] = "compact"
-    return model
-
-
 def _resolve(
     model: ScBERT | str | os.PathLike | None, items: list[AnnData | Path], *, n_genes: int, seed: int
 ) -> ScBERT:
+    from ._resolve import existing_model, new_compact
+
     if model is None or (isinstance(model, str) and model == "compact"):
-        return _new_compact(items, n_genes=n_genes, seed=seed)
-    if isinstance(model, ScBERT):
-        return copy.deepcopy(model)
-    if isinstance(model, str) and model in PRETRAINED and not Path(model).exists():
-        return ScBERT.from_pretrained(model)
-    if isinstance(model, str | os.PathLike) and Path(model).expanduser().exists():
-        return ScBERT.load(model)
-    raise ValueError(
-        f"model={model!r} is not a model: pass None or 'compact' (a new CPU-sized model), a registry name "
-        f"({', '.join(sorted(PRETRAINED))}), an ScBERT, or the path of a saved model."
-    )
+        return new_compact(_compact_genes(items, n_genes=n_genes, seed=seed), seed)
+    return existing_model(model, new="None or 'compact'")
 
 
 def _from_checkpoint(state: dict[str, Any]) -> ScBERT:
@@ -137,15 +120,7 @@ def _from_checkpoint(state: dict[str, Any]) -> ScBERT:
         raise ValueError("The checkpoint has no gene panel; it was not written by scbert.tl.pretrain.")
     network = ScBERTNetwork(ScBERTConfig.from_dict(dict(state["config"])))
     network.load_state_dict(state["model"])
-    return ScBERT(
-        network,
-        meta["genes"],
-        classes=meta.get("classes"),
-        panel=meta.get("panel"),
-        normalization=meta.get("normalization", "library"),
-        provenance=meta.get("provenance"),
-        history=state.get("history"),
-    )
+    return ScBERT.from_record(network, {**meta, "history": state.get("history")})
 
 
 def _broadcast_genes(model: ScBERT, ctx: Any) -> None:
