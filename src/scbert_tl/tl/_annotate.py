@@ -8,12 +8,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._docs import doc_params
 from ..data import UNKNOWN
 from ..train._calibration import threshold_for_rate
-from ..train._inference import check_compute
 from ..train._predict import logits as _logits  # noqa: F401 (tl/_files.py imports it from here)
 from ._docs import FRAGMENTS
-from ._predict import Annotation, call_cells, options_of, probabilities_and_scores, require_classifier  # noqa: F401 (and tl/_files.py)
-from ._resolve import model_for_inference
-from ._stream import check_copy
+from ._predict import Annotation, call_cells, options_of, probabilities_and_scores, require_classifier, start  # noqa: F401 (call_cells, probabilities_and_scores: tl/_files.py imports them from here)
 
 if TYPE_CHECKING:
     import os
@@ -26,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 #: Share of known cells called "unknown" that ``unknown_threshold="auto"`` aims for.
 DEFAULT_FALSE_UNKNOWN_RATE = 0.05
-_require_classifier = require_classifier  # the name tl/_files.py imports
+_require_classifier = require_classifier  # the name tl/_files.py imports from here (as the two below)
 
 
 def annotate_params(m: ScBERT, unknown_threshold: float | str, rule: dict[str, Any]) -> dict[str, Any]:
@@ -162,11 +159,7 @@ def annotate(
         and the ``"temperature"`` (the record of :func:`scbert_tl.pp.bin` at the same key is kept).
     """
     arguments = dict(locals())
-    check_compute(device, precision, batch_size)  # before anything is written
-    check_copy(adata, copy)
-    if copy:
-        adata = adata.copy()
-    m = model_for_inference(model, adata)
+    adata, m = start(adata, model, copy=copy, batch_size=batch_size, device=device, precision=precision)
     require_classifier(m)
     rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
     annotation = Annotation.predict(adata, m, **options_of(arguments))

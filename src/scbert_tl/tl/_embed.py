@@ -8,12 +8,9 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .._docs import doc_params
-from ..train._inference import check_compute
 from ..train._predict import mean_encoding as _mean_encoding  # noqa: F401 (tl/_files.py imports it from here)
 from ._docs import FRAGMENTS
-from ._predict import options_of, output_fn, predict  # noqa: F401 (output_fn: tl/_files.py imports it from here)
-from ._resolve import model_for_inference
-from ._stream import check_copy
+from ._predict import options_of, output_fn, predict, start  # noqa: F401 (output_fn: tl/_files.py imports it from here)
 
 if TYPE_CHECKING:
     import os
@@ -72,11 +69,7 @@ def embed(
     float32) and nothing else (the bins of :func:`scbert_tl.pp.bin` when they were missing).
     """
     arguments = dict(locals())
-    check_compute(device, precision, batch_size)  # before anything is written
-    check_copy(adata, copy)
-    if copy:
-        adata = adata.copy()
-    m = model_for_inference(model, adata)
+    adata, m = start(adata, model, copy=copy, batch_size=batch_size, device=device, precision=precision)
     emb = predict(adata, m, representation, desc="embed", **options_of(arguments))
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)

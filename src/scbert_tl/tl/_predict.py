@@ -17,8 +17,10 @@ import pandas as pd
 
 from ..data import UNKNOWN
 from ..train._calibration import NOVELTY_SCORE, novelty_scores, softmax
+from ..train._inference import check_compute
 from ..train._predict import classifier_hidden, logits, mean_encoding
-from ._stream import model_outputs
+from ._resolve import model_for_inference
+from ._stream import check_copy, model_outputs
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -53,6 +55,17 @@ def output_fn(m: ScBERT, representation: str) -> Callable[[ScBERTNetwork, torch.
     if representation == "classifier" and m.network.classifier is None:
         raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
     return _FUNCTIONS[representation]
+
+
+def start(
+    adata: AnnData, model: Any, *, copy: bool, batch_size: int | None, device: str | None, precision: str | None
+) -> tuple[AnnData, ScBERT]:
+    """The start of an inference tool: its checks before anything is written, the copy when asked, and the model."""
+    check_compute(device, precision, batch_size)
+    check_copy(adata, copy)
+    if copy:
+        adata = adata.copy()
+    return adata, model_for_inference(model, adata)
 
 
 def predict(adata: AnnData, m: ScBERT, output: Output, *, desc: str = "scBERT", **options: Any) -> np.ndarray:
