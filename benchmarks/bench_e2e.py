@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> dict:
     from sklearn.model_selection import train_test_split
 
     from scbert_tl._metrics import scores
-    from scbert_tl.tl._evaluate import l1_logistic, log_normalised
+    from scbert_tl.tl._evaluation._methods import l1_logistic, log_normalised
     from scbert_tl.train._runtime import resolve_threads
 
     scbert.settings.verbosity = 1

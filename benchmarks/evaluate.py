@@ -55,7 +55,7 @@ def main() -> None:
 
     scbert.settings.verbosity = 1  # no progress bars; fold results still logged:
     logging.basicConfig(format="%(asctime)s %(message)s")
-    logging.getLogger("scbert_tl.tl._evaluate").setLevel(logging.INFO)
+    logging.getLogger("scbert_tl.tl._evaluation").setLevel(logging.INFO)
     adata, key = load(args.data)
     t0 = time.perf_counter()
     frame = scbert.tl.cross_validate(

@@ -48,7 +48,7 @@ def main() -> None:
 
     import scbert_tl as scbert
     from scbert_tl.tl._data import tokens_for
-    from scbert_tl.tl._evaluate import fold_splits
+    from scbert_tl.tl._evaluation._folds import fold_splits
     from scbert_tl.tl._finetune import stratified_split
     from scbert_tl.train import _calibration as cal
     from scbert_tl.train import run_batches

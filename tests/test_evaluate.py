@@ -13,7 +13,7 @@ import scanpy as sc
 import scbert_tl as scbert
 from scbert_tl import ScBERT
 from scbert_tl._cli import main
-from scbert_tl.tl import _evaluate, _transfer
+from scbert_tl.tl._evaluation import _comparison, _folds, _levels, _methods, _transfer
 
 TINY = {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "classifier_hidden": (32, 16), "classifier_dropout": 0.0}
 FAST = {"epochs": 1, "batch_size": 32}
@@ -52,7 +52,7 @@ def calls(monkeypatch):
     from scbert_tl.tl import _finetune
 
     seen = []
-    predict, finetune = _evaluate.predict, _finetune.finetune
+    predict, finetune = _methods.predict, _finetune.finetune
 
     def spy(method, ref, query, label_key, **kwargs):
         if method == "scbert":  # record the validation cells finetune draws (from ref, the only data it gets)
@@ -74,7 +74,7 @@ def calls(monkeypatch):
             seen.append((method, set(ref.obs_names), set(query.obs_names), set()))
         return predict(method, ref, query, label_key, **kwargs)
 
-    monkeypatch.setattr(_evaluate, "predict", spy)
+    monkeypatch.setattr(_comparison, "predict", spy)
     monkeypatch.setattr(_transfer, "predict", spy)
     return seen
 
@@ -83,7 +83,7 @@ def calls(monkeypatch):
 def test_stratified_subsamples_are_nested_and_proportional():
     labels = np.array(["a"] * 50 + ["b"] * 20 + ["c"] * 3)
     order = np.random.default_rng(0).permutation(labels.size)
-    subsets = [_evaluate.stratified_subsample(labels, order, f) for f in (0.1, 0.5, 1.0)]
+    subsets = [_folds.stratified_subsample(labels, order, f) for f in (0.1, 0.5, 1.0)]
     for small, large in zip(subsets, subsets[1:], strict=False):
         assert set(small) <= set(large)
     counts = [pd.Series(labels[s]).value_counts().to_dict() for s in subsets]
@@ -94,28 +94,28 @@ def test_stratified_subsamples_are_nested_and_proportional():
 
 def test_folds_partition_the_cells_and_follow_the_seed():
     labels = np.repeat(["a", "b", "c"], [30, 12, 6])
-    splits = _evaluate.fold_splits(labels, 3, seed=4)
+    splits = _folds.fold_splits(labels, 3, seed=4)
     tests = np.concatenate([te for _, te in splits])
     assert np.array_equal(np.sort(tests), np.arange(labels.size))  # every cell tested exactly once
     for train, test in splits:
         assert np.intersect1d(train, test).size == 0 and train.size + test.size == labels.size
         assert (labels[test] == "c").sum() == 2  # stratified
-    again = _evaluate.fold_splits(labels, 3, seed=4)
+    again = _folds.fold_splits(labels, 3, seed=4)
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, again, strict=True))
     with pytest.raises(ValueError, match="n_splits"):
-        _evaluate.fold_splits(labels, 1, seed=0)
+        _folds.fold_splits(labels, 1, seed=0)
 
 
 def test_unknown_baselines_and_missing_celltypist(monkeypatch, caplog):
     with pytest.raises(ValueError, match="Unknown baselines"):
-        _evaluate.resolve_baselines(["l1_logistic", "svm"])
-    monkeypatch.setattr(_evaluate, "celltypist_available", lambda: False)
-    with caplog.at_level("WARNING", logger="scbert_tl.tl._evaluate"):
-        assert _evaluate.resolve_baselines(["l1_logistic", "celltypist"]) == ["l1_logistic"]
+        _methods.resolve_baselines(["l1_logistic", "svm"])
+    monkeypatch.setattr(_methods, "celltypist_available", lambda: False)
+    with caplog.at_level("WARNING", logger="scbert_tl.tl._evaluation._methods"):
+        assert _methods.resolve_baselines(["l1_logistic", "celltypist"]) == ["l1_logistic"]
     assert "celltypist baseline is skipped" in caplog.text and "pip install" in caplog.text
 
 
-@pytest.mark.skipif(not _evaluate.celltypist_available(), reason="celltypist (optional) is not installed")
+@pytest.mark.skipif(not _methods.celltypist_available(), reason="celltypist (optional) is not installed")
 def test_celltypist_baseline_on_the_same_folds(data, model, calls):
     frame = scbert.tl.cross_validate(
         data, "cell_type", model=model, n_splits=2, baselines=("celltypist",), finetune_kwargs=FAST
@@ -138,7 +138,7 @@ def test_reference_size_subsets_are_nested_sized_and_stratified(data, model, cal
     assert len(frame) == 2 * len(fractions) and set(frame["fold"]) == {0}
     record = data.uns["scbert_size"]
     assert record["params"]["rng"] == 3 and record["params"]["fractions"] == list(fractions)
-    train, test = _evaluate.fold_splits(data.obs["cell_type"].to_numpy(), 4, seed=3)[0]
+    train, test = _folds.fold_splits(data.obs["cell_type"].to_numpy(), 4, seed=3)[0]
     train_names, test_names = set(data.obs_names[train]), set(data.obs_names[test])
     subsets = [set(record["subsets"]["0"][f"{f:g}"]) for f in fractions]
     assert subsets[0] < subsets[1] == train_names
@@ -175,8 +175,8 @@ def test_class_imbalance_has_the_requested_design(data, model, calls, tmp_path):
 def test_novel_type_never_in_training_and_recall_grows_with_the_threshold(data, model, calls, tmp_path, monkeypatch):
     thresholds = (0.0, 0.3, 0.5, 0.9, 1.0)
     fitted = []  # cells L1 logistic regression is trained on
-    fit_l1 = _evaluate._fit_l1
-    monkeypatch.setattr(_evaluate, "_fit_l1", lambda x, y, seed: fitted.append(len(y)) or fit_l1(x, y, seed))
+    fit_l1 = _methods._fit_l1
+    monkeypatch.setattr(_methods, "_fit_l1", lambda x, y, seed: fitted.append(len(y)) or fit_l1(x, y, seed))
     frame = scbert.tl.novel_type_detection(
         data, "cell_type", leave_out="NK", thresholds=thresholds, model=model, n_splits=4, finetune_kwargs=FAST
     )
@@ -256,7 +256,7 @@ def test_transfer_scores_a_query_labelled_at_another_level(monkeypatch, tmp_path
         names = [n.split(":")[1] for n in q.obs_names]
         labels = np.array([predicted[n] for n in names])
         probs = np.array([probabilities.get(n, np.eye(4)[classes.index(predicted[n])]) for n in names])
-        return _evaluate.Prediction(labels, probs.max(1), 0.0, probabilities=probs, classes=classes)
+        return _methods.Prediction(labels, probs.max(1), 0.0, probabilities=probs, classes=classes)
 
     monkeypatch.setattr(_transfer, "predict", stub)
     frame = scbert.tl.dataset_transfer(
@@ -289,8 +289,8 @@ def test_transfer_scores_a_query_labelled_at_another_level(monkeypatch, tmp_path
     params = ad.read_h5ad(tmp_path / "query.h5ad").uns["scbert_transfer"]["params"]
     assert json.loads(params["label_map"]) == {"A1": "A", "A2": "A", "?": None} and params["reference"] == ["ref"]
     # the probability of a shared label sums its types: cell c0 is A1 0.5 + A2 0.3
-    assert _transfer._shared_prediction(
-        _evaluate.Prediction(np.array(["A1"]), np.array([0.5]), 0, np.array([[0.5, 0.3, 0.1, 0.1]]), classes),
+    assert _levels.shared_prediction(
+        _methods.Prediction(np.array(["A1"]), np.array([0.5]), 0, np.array([[0.5, 0.3, 0.1, 0.1]]), classes),
         {"A1": "A", "A2": "A", "B": "B", "P": "P"},
     )[1] == pytest.approx([0.8])
     other = _labelled_counts(["X", "Y"], "other")
@@ -308,7 +308,7 @@ def test_transfer_gives_a_new_compact_model_the_query_genes(monkeypatch):
     def stub(method, fit, q, label_key, **kwargs):
         seen[(kwargs["model"], method)] = kwargs["finetune_kwargs"].get("genes_measured_in")
         labels = fit.obs[label_key].astype(str).to_numpy()[: q.n_obs]
-        return _evaluate.Prediction(labels, np.ones(q.n_obs), 0.0)
+        return _methods.Prediction(labels, np.ones(q.n_obs), 0.0)
 
     monkeypatch.setattr(_transfer, "predict", stub)
     data = {"ref": ref, "query": query}
@@ -334,7 +334,7 @@ def test_transfer_pools_references_at_the_shared_level_of_an_obs_column(monkeypa
     def stub(method, fit, q, label_key, **kwargs):
         seen[q.obs_names[0].split(":")[0]] = (sorted(fit.obs[label_key]), q.n_obs)
         labels = np.array(["A"] * q.n_obs)
-        return _evaluate.Prediction(labels, np.ones(q.n_obs), 0.0)
+        return _methods.Prediction(labels, np.ones(q.n_obs), 0.0)
 
     monkeypatch.setattr(_transfer, "predict", stub)
     frame = scbert.tl.dataset_transfer([a, b, c], "cell_type", names=["a", "b", "c"], label_map="lineage", baselines=())

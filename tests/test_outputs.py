@@ -77,14 +77,14 @@ def test_class_order_is_natural_for_integer_labels():
 
 
 def test_integer_labels_are_ordered_naturally_in_finetune_and_the_evaluation(rng):
-    from scbert_tl.tl._evaluate import labelled
+    from scbert_tl.tl._evaluation._comparison import comparison
 
     adata = _adata(rng, labels=(1, 2, 10))
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(int)
     model = scbert.tl.finetune(adata, "cell_type", model=ScBERT.new(GENES, seed=0, **TINY), epochs=1)
     assert model.classes == ["1", "2", "10"]
     adata.obs["as_text"] = adata.obs["cell_type"].astype(str)  # the same labels stored as text
-    assert labelled(adata, "as_text", baselines=[], finetune_kwargs=None).classes == ["1", "2", "10"]
+    assert comparison(adata, "as_text", model, 0.1, 0, [], None).classes == ["1", "2", "10"]
     scbert.tl.annotate(adata, model)
     table = scbert.pl.confusion_table(adata, truth="as_text")
     assert list(table.index) == ["1", "2", "10"]
@@ -139,3 +139,23 @@ def test_cli_annotate_summary_lists_only_types_that_got_cells(rng, tmp_path, cap
     assert (counts == 0).any()  # 'unknown' at least got no cells
     listed = {line.rsplit(maxsplit=1)[0]: int(line.rsplit(maxsplit=1)[1]) for line in printed[2:]}
     assert listed == {k: int(v) for k, v in counts.items() if v > 0}
+
+
+def test_prediction_arrays_are_what_annotate_and_embed_write(rng):
+    """The array path the evaluation uses (tl/_predict) gives what the tools write, and writes nothing itself."""
+    from scbert_tl.tl._predict import Annotation, predict
+
+    adata, model = _adata(rng), _model()
+    scbert.pp.bin(adata, panel=model)
+    slots = (set(adata.obs), set(adata.obsm), set(adata.uns))
+    annotation = Annotation.predict(adata, model)
+    hidden = predict(adata, model, "classifier")
+    assert (set(adata.obs), set(adata.obsm), set(adata.uns)) == slots
+    assert annotation.probabilities.shape == (adata.n_obs, 3) and annotation.classes == ["B", "NK", "T"]
+    scbert.tl.annotate(adata, model, unknown_threshold=0)  # 0: no cell is called unknown
+    scbert.tl.embed(adata, model, representation="classifier")
+    np.testing.assert_array_equal(adata.obsm["scbert_probabilities"], annotation.probabilities.astype(np.float32))
+    assert adata.obs["scbert"].astype(str).tolist() == annotation.labels.tolist()
+    np.testing.assert_array_equal(adata.obsm["X_scbert"], hidden.astype(np.float32))
+    with pytest.raises(ValueError, match="no classifier"):
+        predict(adata, ScBERT.new(GENES, seed=0, **TINY), "logits")

@@ -504,3 +504,20 @@ def test_fine_tuning_scales_float16_losses_like_pretraining():
     assert _plan(net, FinetuneOptions(), 100, cpu, torch.float16).scaler.is_enabled()
     assert not _plan(net, FinetuneOptions(), 100, cpu, torch.bfloat16).scaler.is_enabled()
     assert not _plan(net, FinetuneOptions(), 100, cpu, torch.float32).scaler.is_enabled()
+
+
+def test_pretrain_signature_matches_its_options():
+    """tl.pretrain repeats the options in its signature for the API docs: same names, same defaults."""
+    import dataclasses
+    import inspect
+
+    from scbert_tl._cli import build_parser
+    from scbert_tl._cli.pretrain import options as run_options
+    from scbert_tl._options import PretrainOptions
+
+    signature = inspect.signature(scbert.tl.pretrain).parameters
+    for field in dataclasses.fields(PretrainOptions):
+        assert field.name in signature, field.name
+        assert signature[field.name].default == field.default, field.name
+    args = build_parser().parse_args(["pretrain", "a.h5ad", "--out", "m"])
+    assert run_options(args) == PretrainOptions()  # the command line's defaults are the options' too

@@ -30,6 +30,8 @@ FORMAT_VERSION = 1
 Normalization = Literal["library", "panel"]
 Unmeasured = Literal["zero", "mask"]
 PRETRAINED = {"scbert-panglao": ("scbert-panglao-weights", "scbert-panglao")}
+# the optional arguments of ScBERT that a saved model or a checkpoint records (absent ones take the defaults)
+_RECORD_KEYS = ("classes", "panel", "normalization", "unmeasured", "provenance", "history", "calibration")
 
 
 class ScBERT:
@@ -319,17 +321,12 @@ class ScBERT:
         network = ScBERTNetwork(cfg)
         load_into(network, own)
         network.to(map_location).eval()
-        return cls(
-            network,
-            meta["genes"],
-            classes=meta.get("classes"),
-            panel=meta.get("panel"),
-            normalization=meta.get("normalization", "library"),
-            unmeasured=meta.get("unmeasured", "zero"),
-            provenance=meta.get("provenance"),
-            history=meta.get("history"),
-            calibration=meta.get("calibration"),
-        )
+        return cls.from_record(network, meta)
+
+    @classmethod
+    def from_record(cls, network: ScBERTNetwork, record: dict[str, Any]) -> ScBERT:
+        """The model of ``network`` that ``record`` describes (a saved model's config, a pretraining checkpoint's meta)."""
+        return cls(network, record["genes"], **{k: record[k] for k in _RECORD_KEYS if k in record})
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

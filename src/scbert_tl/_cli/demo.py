@@ -71,7 +71,7 @@ def run_demo(out: str | Path = "scbert_demo", *, epochs: int = 15, seed: int = 0
 
     from .. import tl
     from .._metrics import scores
-    from ..tl._evaluate import l1_logistic
+    from ..tl._evaluation._methods import l1_logistic
     from ..tl._finetune import stratified_split
 
     t0 = time.perf_counter()

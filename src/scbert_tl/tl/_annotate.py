@@ -5,81 +5,25 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-import pandas as pd
-
+from .._docs import doc_params
 from ..data import UNKNOWN
-from ..train._calibration import NOVELTY_SCORE, novelty_scores, softmax, threshold_for_rate
-from ..train._inference import check_compute
-from ._resolve import model_for_inference
-from ._stream import check_copy, model_outputs
+from ..train._calibration import threshold_for_rate
+from ..train._predict import logits as _logits  # noqa: F401 (tl/_files.py imports it from here)
+from ._docs import FRAGMENTS
+from ._predict import Annotation, call_cells, options_of, probabilities_and_scores, require_classifier, start  # noqa: F401 (call_cells, probabilities_and_scores: tl/_files.py imports them from here)
 
 if TYPE_CHECKING:
     import os
 
-    import torch
     from anndata import AnnData
 
     from .._scbert import ScBERT
-    from ..model import ScBERTNetwork
 
 logger = logging.getLogger(__name__)
 
 #: Share of known cells called "unknown" that ``unknown_threshold="auto"`` aims for.
 DEFAULT_FALSE_UNKNOWN_RATE = 0.05
-
-
-def _logits(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
-    return network(x).float()
-
-
-def predict_cells(
-    adata: AnnData,
-    m: ScBERT,
-    *,
-    gene_key: str | None = None,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    batch_size: int | None = None,
-    device: str | None = None,
-    precision: str | None = None,
-    chunk_size: int | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Class probabilities (calibrated when the model has a temperature) and every novelty score of each cell."""
-    _require_classifier(m)
-    logits = model_outputs(
-        adata,
-        m,
-        _logits,
-        gene_key=gene_key,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        device=device,
-        precision=precision,
-        desc="annotate",
-    )
-    return probabilities_and_scores(m, logits)
-
-
-def probabilities_and_scores(m: ScBERT, logits: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Class probabilities (calibrated with the model's temperature) and every novelty score, from logits."""
-    temperature = m.calibration["temperature"] if m.calibration else 1.0
-    return softmax(logits, temperature), novelty_scores(logits, temperature)
-
-
-def call_cells(
-    probs: np.ndarray, scores: dict[str, np.ndarray], rule: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each cell's most likely class, its probability, and whether the unknown ``rule`` calls the cell unknown."""
-    best = probs.argmax(1)
-    confidence = probs[np.arange(probs.shape[0]), best]
-    if rule["score"] == NOVELTY_SCORE:
-        unknown = scores[NOVELTY_SCORE] > rule["threshold"]
-    else:
-        unknown = confidence < rule["threshold"]
-    return best, confidence, unknown
+_require_classifier = require_classifier  # the name tl/_files.py imports from here (as the two below)
 
 
 def annotate_params(m: ScBERT, unknown_threshold: float | str, rule: dict[str, Any]) -> dict[str, Any]:
@@ -110,14 +54,6 @@ def log_calls(n_cells: int, n_unknown: int, rule: dict[str, Any]) -> None:
     )
 
 
-def _require_classifier(m: ScBERT) -> None:
-    if m.classes is None or m.network.classifier is None:
-        raise ValueError(
-            "This model has no classifier (it is pretrained only); fine-tune it first: "
-            "model = scbert.tl.finetune(reference, 'cell_type', model=model)."
-        )
-
-
 def _unknown_rule(m: ScBERT, unknown_threshold: float | str, false_unknown_rate: float | None) -> dict[str, Any]:
     """How a cell is called "unknown": its energy above a threshold, or its (calibrated) probability below one."""
     if isinstance(unknown_threshold, str):
@@ -143,6 +79,7 @@ def _unknown_rule(m: ScBERT, unknown_threshold: float | str, false_unknown_rate:
     return {"score": "probability", "threshold": float(unknown_threshold), "false_unknown_rate": None}
 
 
+@doc_params(**FRAGMENTS)
 def annotate(
     adata: AnnData,
     model: str | os.PathLike | ScBERT,
@@ -193,13 +130,9 @@ def annotate(
         Name of the ``obs`` column and prefix of the other slots.
     batch_size
         Cells per forward pass (default: :attr:`scbert.settings.batch_size <scbert_tl._settings.ScBERTSettings.batch_size>`).
-    gene_key, layer, use_raw
-        Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
-        (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
-    device
-        Compute device (default: the setting).
-    precision
-        Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    {doc_inputs}
+    {doc_device}
+    {doc_precision}
     chunk_size
         Cells read at a time when ``adata`` is out of core (opened with ``backed="r"``, or a dask
         array as input): such data is read and binned a chunk at a time and never written to, so
@@ -213,11 +146,11 @@ def annotate(
 
     ``adata.obs[key_added]``
         Predicted type (categorical: the model's classes and ``"unknown"``).
-    ``adata.obs[f"{key_added}_confidence"]``
+    ``adata.obs[f"{{key_added}}_confidence"]``
         Probability of the most likely class (calibrated).
-    ``adata.obs[f"{key_added}_novelty"]``
+    ``adata.obs[f"{{key_added}}_novelty"]``
         The energy score (higher: less like any type of the model).
-    ``adata.obsm[f"{key_added}_probabilities"]``
+    ``adata.obsm[f"{{key_added}}_probabilities"]``
         Probability of every class (calibrated), columns in the order of ``adata.uns[key_added]["classes"]``.
     ``adata.uns[key_added]``
         ``"classes"``, and the parameters under ``["params"]["annotate"]``: the rule that called
@@ -225,40 +158,11 @@ def annotate(
         ``"false_unknown_rate"``)
         and the ``"temperature"`` (the record of :func:`scbert_tl.pp.bin` at the same key is kept).
     """
-    check_compute(device, precision, batch_size)  # before anything is written
-    check_copy(adata, copy)
-    if copy:
-        adata = adata.copy()
-    m = model_for_inference(model, adata)
-    _require_classifier(m)
+    arguments = dict(locals())
+    adata, m = start(adata, model, copy=copy, batch_size=batch_size, device=device, precision=precision)
+    require_classifier(m)
     rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
-    probs, scores = predict_cells(
-        adata,
-        m,
-        gene_key=gene_key,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-        chunk_size=chunk_size,
-    )
-    best, confidence, unknown = call_cells(probs, scores, rule)
-    names = np.asarray(m.classes, dtype=object)[best]
-    names[unknown] = UNKNOWN
-    for key in (key_added, f"{key_added}_confidence", f"{key_added}_novelty"):
-        if key in adata.obs:
-            logger.info("annotate: replacing adata.obs[%r]", key)
-    adata.obs[key_added] = pd.Categorical(names, categories=[*m.classes, UNKNOWN])
-    adata.obs[f"{key_added}_confidence"] = confidence.astype(np.float32)
-    adata.obs[f"{key_added}_novelty"] = scores[NOVELTY_SCORE].astype(np.float32)
-    adata.obsm[f"{key_added}_probabilities"] = probs.astype(np.float32)
-    record = dict(adata.uns.get(key_added, {}))
-    record["classes"] = list(m.classes)
-    record["params"] = {
-        **dict(record.get("params", {})),
-        "annotate": annotate_params(m, unknown_threshold, rule),
-    }
-    adata.uns[key_added] = record
-    log_calls(adata.n_obs, int(unknown.sum()), rule)
+    annotation = Annotation.predict(adata, m, **options_of(arguments))
+    n_unknown = annotation.write(adata, key_added, rule, annotate_params(m, unknown_threshold, rule))
+    log_calls(adata.n_obs, n_unknown, rule)
     return adata if copy else None

@@ -10,34 +10,31 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .._docs import doc_params
 from ..data import PANEL_INDEX
-from ..model._attention import attention_received, resolve_layers
+from ..model._attention import resolve_layers
 from ..train import run_batches
 from ..train._inference import check_compute
+from ..train._predict import panel_attention
 from ._data import tokens_for
+from ._docs import FRAGMENTS
 from ._resolve import model_for_inference
 
 if TYPE_CHECKING:
     import os
     from collections.abc import Sequence
 
-    import torch
     from anndata import AnnData
 
     from .._scbert import ScBERT
     from ..data import TokenMatrix
     from ..model import ScBERTNetwork
-    from ..model._attention import Layers
 
 logger = logging.getLogger(__name__)
 
 #: Cells per call of the batched inference: bounds the dense ``cells x panel`` block held at once.
 CELLS_PER_CALL = 1024
 ALL_CELLS = "all cells"
-
-
-def _panel_attention(network: ScBERTNetwork, x: torch.Tensor, *, layers: Layers) -> torch.Tensor:
-    return attention_received(network, x, layers=layers)[:, :-1]  # the panel genes, not the appended position
 
 
 def _groups(adata: AnnData, groupby: str | None) -> tuple[str | None, np.ndarray, list[str]]:
@@ -82,7 +79,7 @@ def _group_sums(
     """
     sums = np.zeros((n_groups, tokens.n_genes), dtype=np.float64)
     rows = np.flatnonzero(codes >= 0) if not per_cell else np.arange(codes.size)
-    fn = partial(_panel_attention, layers=blocks)
+    fn = partial(panel_attention, layers=blocks)
     kept = []
     for start in range(0, rows.size, CELLS_PER_CALL):
         chunk = rows[start : start + CELLS_PER_CALL]
@@ -98,6 +95,7 @@ def _group_sums(
     return sums, kept
 
 
+@doc_params(**FRAGMENTS)
 def attention(
     adata: AnnData,
     model: str | os.PathLike | ScBERT,
@@ -130,10 +128,7 @@ def attention(
 
     Parameters
     ----------
-    adata
-        Cells (raw counts or log-normalised; binned for the model's panel when needed).
-    model
-        A pretrained or fine-tuned :class:`~scbert_tl.ScBERT`, a registry name, or a saved model's path.
+    {doc_cells}
     groupby
         ``adata.obs`` column to average by (e.g. the true cell types). Default: ``obs["scbert"]``, the
         predictions of :func:`scbert_tl.tl.annotate`, when present, else all cells together. Cells
@@ -147,19 +142,14 @@ def attention(
         Also store each cell's values for the union of the groups' top genes.
     key_added
         Key in ``adata.uns`` (and ``adata.obsm`` with ``per_cell=True``).
-    gene_key, layer, use_raw
-        Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
-        (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
+    {doc_inputs}
         ``layer`` is an ``adata.layers`` key, not an encoder block (that is ``layers``).
-    batch_size
-        Cells per forward pass (default: the setting).
-    device
-        Compute device (default: the setting).
+    {doc_batch_size}
+    {doc_device}
     precision
         Autocast precision of the block's matrix products (default: bf16 on CUDA, float32 on CPU); the
         attention features and column sums are always float32.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_copy}
 
     Returns
     -------

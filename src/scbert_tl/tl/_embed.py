@@ -7,42 +7,22 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ..train._inference import check_compute
-from ._resolve import model_for_inference
-from ._stream import check_copy, model_outputs
+from .._docs import doc_params
+from ..train._predict import mean_encoding as _mean_encoding  # noqa: F401 (tl/_files.py imports it from here)
+from ._docs import FRAGMENTS
+from ._predict import options_of, output_fn, predict, start  # noqa: F401 (output_fn: tl/_files.py imports it from here)
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Callable
 
-    import torch
     from anndata import AnnData
 
     from .._scbert import ScBERT
-    from ..model import ScBERTNetwork
 
 logger = logging.getLogger(__name__)
 
 
-def _mean_encoding(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
-    return network.encode(x)[:, :-1].float().mean(dim=1)  # the panel genes, not the appended position
-
-
-def _classifier_hidden(network: ScBERTNetwork, x: torch.Tensor) -> torch.Tensor:
-    head = network.classifier  # its forward pass up to the last hidden layer (dropout is off in eval)
-    h = head.act(head.reduce(network.encode(x)).squeeze(-1))
-    return head.act(head.fc2(head.act(head.fc1(h)))).float()
-
-
-def output_fn(m: ScBERT, representation: str) -> Callable[[ScBERTNetwork, torch.Tensor], torch.Tensor]:
-    """The network function of ``representation``, checked against the model."""
-    if representation not in ("genes", "classifier"):
-        raise ValueError(f"representation must be 'genes' or 'classifier', got {representation!r}.")
-    if representation == "classifier" and m.network.classifier is None:
-        raise ValueError("representation='classifier' needs a fine-tuned model (this one has no classifier).")
-    return _mean_encoding if representation == "genes" else _classifier_hidden
-
-
+@doc_params(**FRAGMENTS)
 def embed(
     adata: AnnData,
     model: str | os.PathLike | ScBERT,
@@ -68,54 +48,29 @@ def embed(
 
     Parameters
     ----------
-    adata
-        Cells (raw counts or log-normalised; binned for the model's panel when needed).
-    model
-        A pretrained or fine-tuned :class:`~scbert_tl.ScBERT`, a registry name, or a saved model's path.
+    {doc_cells}
     representation
         ``"genes"``: mean of the final-layer vectors of the panel genes (width of the model);
         ``"classifier"``: the classifier head's last hidden layer (fine-tuned models only).
     key_added
         Key in ``adata.obsm``.
-    batch_size
-        Cells per forward pass (default: the setting).
-    gene_key, layer, use_raw
-        Input choices of :func:`scbert_tl.pp.bin`, used when ``adata`` is binned for the model
-        (default: those of the last ``pp.bin`` call, else ``adata.X`` and ``adata.var_names``).
-    device
-        Compute device (default: the setting).
-    precision
-        Autocast precision (default: bf16 on CUDA, float32 on CPU).
+    {doc_batch_size}
+    {doc_inputs}
+    {doc_device}
+    {doc_precision}
     chunk_size
         Cells read at a time when ``adata`` is out of core (opened with ``backed="r"``, or a dask
         array as input; see :func:`~scbert_tl.tl.annotate`). Default 8192.
-    copy
-        Return a copy instead of writing into ``adata``.
+    {doc_copy}
 
     Returns
     -------
     ``None``, or the copy with ``copy=True``. Writes ``adata.obsm[key_added]`` (cells x model width,
     float32) and nothing else (the bins of :func:`scbert_tl.pp.bin` when they were missing).
     """
-    check_compute(device, precision, batch_size)  # before anything is written
-    check_copy(adata, copy)
-    if copy:
-        adata = adata.copy()
-    m = model_for_inference(model, adata)
-    fn = output_fn(m, representation)
-    emb = model_outputs(
-        adata,
-        m,
-        fn,
-        gene_key=gene_key,
-        layer=layer,
-        use_raw=use_raw,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        device=device,
-        precision=precision,
-        desc="embed",
-    )
+    arguments = dict(locals())
+    adata, m = start(adata, model, copy=copy, batch_size=batch_size, device=device, precision=precision)
+    emb = predict(adata, m, representation, desc="embed", **options_of(arguments))
     if key_added in adata.obsm:
         logger.info("embed: replacing adata.obsm[%r]", key_added)
     adata.obsm[key_added] = emb.astype(np.float32)

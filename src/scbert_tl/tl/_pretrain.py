@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import os
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,49 +12,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from .._scbert import PRETRAINED, ScBERT
+from .._options import PretrainOptions
+from .._scbert import ScBERT
 from .._version import __version__
 from ..train._stream import SAMPLE, derive_rng
 from ._data import as_items, item_name, source_for
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Iterator, Sequence
 
     import torch
     from anndata import AnnData
 
-    from ..train._plan import Schedule
+    from .._options import Schedule
 
 logger = logging.getLogger(__name__)
 
 _MAX_HVG_CELLS = 50_000
-# the arguments of tl.pretrain that pass through to the loop (train._pretrain.pretrain_network)
-_LOOP_ARGS = (
-    "epochs",
-    "max_steps",
-    "batch_size",
-    "accumulate",
-    "lr",
-    "weight_decay",
-    "warmup",
-    "schedule",
-    "max_grad_norm",
-    "mask_prob",
-    "replace_prob",
-    "redraw_every",
-    "validation_size",
-    "eval_every",
-    "checkpoint_dir",
-    "checkpoint_every",
-    "resume",
-    "stop_after",
-    "chunk_size",
-    "shuffle_buffer",
-    "gradient_checkpointing",
-    "device",
-    "precision",
-    "random_state",
-)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -128,30 +102,14 @@ def _compact_genes(items: list[AnnData | Path], *, n_genes: int, seed: int) -> l
     return [panel[i] for i in np.sort(cols)]
 
 
-def _new_compact(items: list[AnnData | Path], *, n_genes: int, seed: int) -> ScBERT:
-    from ._resolve import COMPACT
-
-    genes = _compact_genes(items, n_genes=n_genes, seed=seed)
-    model = ScBERT.new(genes, seed=seed, lm_head=True, gene_emb_trainable=True, **COMPACT)
-    model.provenance["source"] = "compact"
-    return model
-
-
 def _resolve(
     model: ScBERT | str | os.PathLike | None, items: list[AnnData | Path], *, n_genes: int, seed: int
 ) -> ScBERT:
+    from ._resolve import existing_model, new_compact
+
     if model is None or (isinstance(model, str) and model == "compact"):
-        return _new_compact(items, n_genes=n_genes, seed=seed)
-    if isinstance(model, ScBERT):
-        return copy.deepcopy(model)
-    if isinstance(model, str) and model in PRETRAINED and not Path(model).exists():
-        return ScBERT.from_pretrained(model)
-    if isinstance(model, str | os.PathLike) and Path(model).expanduser().exists():
-        return ScBERT.load(model)
-    raise ValueError(
-        f"model={model!r} is not a model: pass None or 'compact' (a new CPU-sized model), a registry name "
-        f"({', '.join(sorted(PRETRAINED))}), an ScBERT, or the path of a saved model."
-    )
+        return new_compact(_compact_genes(items, n_genes=n_genes, seed=seed), seed)
+    return existing_model(model, new="None or 'compact'")
 
 
 def _from_checkpoint(state: dict[str, Any]) -> ScBERT:
@@ -162,15 +120,7 @@ def _from_checkpoint(state: dict[str, Any]) -> ScBERT:
         raise ValueError("The checkpoint has no gene panel; it was not written by scbert.tl.pretrain.")
     network = ScBERTNetwork(ScBERTConfig.from_dict(dict(state["config"])))
     network.load_state_dict(state["model"])
-    return ScBERT(
-        network,
-        meta["genes"],
-        classes=meta.get("classes"),
-        panel=meta.get("panel"),
-        normalization=meta.get("normalization", "library"),
-        provenance=meta.get("provenance"),
-        history=state.get("history"),
-    )
+    return ScBERT.from_record(network, {**meta, "history": state.get("history")})
 
 
 def _broadcast_genes(model: ScBERT, ctx: Any) -> None:
@@ -316,10 +266,11 @@ def pretrain(
     from ..train._distributed import distributed_context
     from ..train._pretrain import pretrain_network
 
-    loop = {k: v for k, v in locals().items() if k in _LOOP_ARGS}
+    options = PretrainOptions.of(locals())
     items = as_items(adata)
     with distributed_context(device) as ctx, _main_rank_only(ctx):
-        scb, loop["lr"] = _start(model, items, loop, n_genes=n_genes, ctx=ctx)
+        scb, lr = _start(model, items, options, n_genes=n_genes, ctx=ctx)
+        options = replace(options, lr=lr)
         names = [item_name(it, i, len(items)) for i, it in enumerate(items)]
         sources = [source_for(it, scb, nm, main=ctx.is_main) for it, nm in zip(items, names, strict=True)]
         meta = {
@@ -329,7 +280,9 @@ def pretrain(
             "normalization": scb.normalization,
             "provenance": scb.provenance,
         }
-        result = pretrain_network(scb.network, sources, **loop, checkpoint_meta=meta, history=scb.history)
+        result = pretrain_network(
+            scb.network, sources, options, device=device, precision=precision, checkpoint_meta=meta, history=scb.history
+        )
     scb.history = result.history
     scb.provenance = dict(result.meta.get("provenance") or scb.provenance)
     scb.provenance["pretraining"] = [*list(scb.provenance.get("pretraining", [])), _record(result, names)]
@@ -337,14 +290,19 @@ def pretrain(
 
 
 def _start(
-    model: ScBERT | str | os.PathLike | None, items: list[Any], loop: dict[str, Any], *, n_genes: int, ctx: Any
+    model: ScBERT | str | os.PathLike | None,
+    items: list[Any],
+    options: PretrainOptions,
+    *,
+    n_genes: int,
+    ctx: Any,
 ) -> tuple[ScBERT, float]:
-    """The model to pretrain (from the checkpoint when resuming, else ``model``) and the learning rate."""
+    """The model to pretrain (from the checkpoint when resuming, else ``model``) and the learning rate (the options' when given)."""
     from ..train._checkpoint import CHECKPOINT_NAME, load_checkpoint
 
-    checkpoint_dir, lr = loop["checkpoint_dir"], loop["lr"]
+    checkpoint_dir, lr = options.checkpoint_dir, options.lr
     ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    if loop["resume"] and ckpt is not None and ckpt.exists():
+    if options.resume and ckpt is not None and ckpt.exists():
         state = load_checkpoint(ckpt)
         scb = _from_checkpoint(state)
         if ctx.is_main:
@@ -355,7 +313,7 @@ def _start(
             f"{ckpt} exists from an earlier run; pass resume=True to continue it, or another checkpoint_dir."
         )
     new_model = model is None or (isinstance(model, str) and model == "compact")
-    scb = _resolve(model, items, n_genes=n_genes, seed=loop["random_state"])
+    scb = _resolve(model, items, n_genes=n_genes, seed=options.random_state)
     _broadcast_genes(scb, ctx)
     if lr is None:
         lr = 1e-3 if new_model else 1e-4

@@ -132,21 +132,34 @@ def resolve_model(
             "genes_measured_in chooses the genes of a new model (model='compact'); this model's genes are fixed. "
             "Leave it out: genes a query lacks are fed as the model's `unmeasured` says."
         )
-    if isinstance(model, ScBERT):
-        return copy.deepcopy(model)
     if isinstance(model, str) and model == "compact":
-        genes = compact_genes(adata, seed=seed, params=params, measured=measured)
-        m = ScBERT.new(genes, seed=seed, lm_head=True, gene_emb_trainable=True, **COMPACT)
-        m.provenance["source"] = "compact"
+        m = new_compact(compact_genes(adata, seed=seed, params=params, measured=measured), seed)
         if measured is not None:
             m.provenance["genes_measured_in"] = len(set(map(str, measured)))
         return m
+    return existing_model(model)
+
+
+def new_compact(genes: Sequence[str], seed: int) -> ScBERT:
+    """A new compact model (:data:`COMPACT`) over ``genes``, with a pretraining head."""
+    m = ScBERT.new(genes, seed=seed, lm_head=True, gene_emb_trainable=True, **COMPACT)
+    m.provenance["source"] = "compact"
+    return m
+
+
+def existing_model(model: str | os.PathLike | ScBERT, *, new: str = "'compact'") -> ScBERT:
+    """A trained model from a tool's ``model`` argument, for the tool to change: an ScBERT (copied), a registry name, or a path.
+
+    ``new`` names the arguments that make a new model instead (for the error message).
+    """
+    if isinstance(model, ScBERT):
+        return copy.deepcopy(model)
     if isinstance(model, str) and model in PRETRAINED:
         return ScBERT.from_pretrained(model)
     if isinstance(model, str | os.PathLike) and Path(model).expanduser().exists():
         return ScBERT.load(model)
     raise ValueError(
-        f"model={model!r} is not a model: pass 'compact' (a new CPU-sized model), a registry name "
+        f"model={model!r} is not a model: pass {new} (a new CPU-sized model), a registry name "
         f"({', '.join(sorted(PRETRAINED))}), an ScBERT, or the path of a saved model."
     )
 

@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ._evaluate import base_params, iter_folds, labelled, score_row, store, summarise
+from ..._docs import doc_params
+from .._docs import FRAGMENTS
+from ._comparison import comparison, score_row, store, summarise
+from ._folds import folds_param, iter_folds
 
 if TYPE_CHECKING:
     import os
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from .._scbert import ScBERT
+    from ..._scbert import ScBERT
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ def _design(
     return design, n_large, n_small
 
 
+@doc_params(**FRAGMENTS)
 def class_imbalance(
     adata: AnnData,
     label_key: str,
@@ -88,10 +92,7 @@ def class_imbalance(
 
     Parameters
     ----------
-    adata
-        Labelled cells (raw counts or log-normalised).
-    label_key
-        Column of ``adata.obs`` with the cell types.
+    {doc_labelled}
     types
         Types in design order (large, small, large, small, ...; any even or odd number of at least
         two). Default: the four most abundant types.
@@ -102,23 +103,15 @@ def class_imbalance(
         Training cells of each rare type. Default: ``n_large / ratio`` (at least one).
     ratio
         Large-to-small ratio used when ``n_small`` is not given (the paper's is 100).
-    model
-        Starting point of :func:`~scbert_tl.tl.finetune` (default: a new compact model).
-    n_splits
-        Folds of the split into training and test cells.
-    folds
-        The folds to run (default: the first only; ``None``: all).
-    baselines
-        ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
+    {doc_folds}
+    {doc_baselines}
     validation
         Fraction of the training cells held out for model selection (stratified; a type of one
         cell keeps it for training).
-    finetune_kwargs
-        Further arguments of :func:`~scbert_tl.tl.finetune`.
+    {doc_finetune_kwargs}
     rng
         Seed of the folds, of the drawn training cells and of the training.
-    key_added
-        Key in ``adata.uns`` for the results.
+    {doc_key_added}
 
     Returns
     -------
@@ -127,7 +120,7 @@ def class_imbalance(
     ``adata.uns[key_added]`` with ``"results"``, ``"summary"``, ``"design"`` (training cells per
     type), ``"rare"`` (the rare types), ``"training_cells"`` (obs names per fold) and ``"params"``.
     """
-    data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     types = _types(data.labels, types, label_key)
     rare = types[1::2]
     runs = list(iter_folds(data.labels, n_splits, 1, rng, folds))
@@ -141,7 +134,7 @@ def class_imbalance(
         test = test[np.isin(data.labels[test], types)]
         training_cells[str(fold)] = np.asarray(adata.obs_names[sub], dtype=str)
         for method in data.methods:
-            pred = data.run(method, sub, test, model=model, validation=validation, seed=rng)
+            pred = data.run(method, sub, test)
             row = score_row(
                 pred, data.labels[test], types, method=method, fold=fold, n_train=int(sub.size), n_test=int(test.size)
             )
@@ -153,18 +146,14 @@ def class_imbalance(
                 {t: round(row[f"f1:{t}"], 3) for t in rare},
             )
     frame = pd.DataFrame(rows)
-    params = base_params(
-        data,
-        model,
-        rng,
-        validation,
-        protocol="class_imbalance",
+    params = data.params(
+        "class_imbalance",
         types=types,
         n_large=int(n_large),
         n_small=int(n_small),
         ratio=ratio,
         n_splits=n_splits,
-        folds="all" if folds is None else sorted(int(f) for f in folds),
+        folds=folds_param(folds),
     )
     metrics = ["accuracy", "macro_f1", *(f"f1:{t}" for t in types)]
     store(

@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ._evaluate import base_params, iter_folds, labelled, score_row, store, summarise
+from ..._docs import doc_params
+from .._docs import FRAGMENTS
+from ._comparison import comparison, score_row, store, summarise
+from ._folds import folds_param, iter_folds
 
 if TYPE_CHECKING:
     import os
@@ -16,11 +19,12 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from .._scbert import ScBERT
+    from ..._scbert import ScBERT
 
 logger = logging.getLogger(__name__)
 
 
+@doc_params(**FRAGMENTS)
 def cross_validate(
     adata: AnnData,
     label_key: str,
@@ -46,10 +50,7 @@ def cross_validate(
 
     Parameters
     ----------
-    adata
-        Labelled cells (raw counts or log-normalised).
-    label_key
-        Column of ``adata.obs`` with the cell types.
+    {doc_labelled}
     model
         Starting point of :func:`~scbert_tl.tl.finetune` in every fold (default: a new compact model).
     n_splits
@@ -70,8 +71,7 @@ def cross_validate(
         processes; the fold assignment does not change. Default: all.
     rng
         Seed of the folds (repeat ``r`` uses ``rng + r``) and of the training.
-    key_added
-        Key in ``adata.uns`` for the results.
+    {doc_key_added}
 
     Returns
     -------
@@ -80,7 +80,7 @@ def cross_validate(
     frame), ``"summary"`` (mean and sd per method), ``"confusion"`` (summed over folds, per method),
     ``"classes"``, ``"folds"`` (each cell's test fold per repeat) and ``"params"``.
     """
-    data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     classes = data.classes
     rows: list[dict[str, Any]] = []
     confusion = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in data.methods}
@@ -91,7 +91,7 @@ def cross_validate(
             "cross_validate: repeat %d, fold %d: %d training, %d test cells", repeat, fold, train.size, test.size
         )
         for method in data.methods:
-            pred = data.run(method, train, test, model=model, validation=validation, seed=rng + repeat)
+            pred = data.run(method, train, test, seed=rng + repeat)
             row = score_row(
                 pred,
                 data.labels[test],
@@ -110,16 +110,7 @@ def cross_validate(
         adata,
         key_added,
         frame,
-        base_params(
-            data,
-            model,
-            rng,
-            validation,
-            protocol="cross_validate",
-            n_splits=n_splits,
-            n_repeats=n_repeats,
-            folds="all" if folds is None else sorted(int(f) for f in folds),
-        ),
+        data.params("cross_validate", n_splits=n_splits, n_repeats=n_repeats, folds=folds_param(folds)),
         summary=summarise(frame, ["method"]),
         confusion=confusion,
         classes=classes,

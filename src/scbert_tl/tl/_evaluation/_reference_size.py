@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ._evaluate import base_params, iter_folds, labelled, score_row, store, stratified_subsample, summarise
+from ..._docs import doc_params
+from .._docs import FRAGMENTS
+from ._comparison import comparison, score_row, store, summarise
+from ._folds import folds_param, iter_folds, stratified_subsample
 
 if TYPE_CHECKING:
     import os
@@ -16,13 +19,14 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from .._scbert import ScBERT
+    from ..._scbert import ScBERT
 
 logger = logging.getLogger(__name__)
 
 FRACTIONS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+@doc_params(**FRAGMENTS)
 def reference_size_curve(
     adata: AnnData,
     label_key: str,
@@ -47,28 +51,17 @@ def reference_size_curve(
 
     Parameters
     ----------
-    adata
-        Labelled cells (raw counts or log-normalised).
-    label_key
-        Column of ``adata.obs`` with the cell types.
+    {doc_labelled}
     fractions
         Shares of the training folds, each in (0, 1].
-    model
-        Starting point of :func:`~scbert_tl.tl.finetune` (default: a new compact model).
-    n_splits
-        Folds of the split into training and test cells.
-    folds
-        The folds to run (default: the first only; ``None``: all).
-    baselines
-        ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
+    {doc_folds}
+    {doc_baselines}
     validation
         Fraction of each training subset held out for model selection.
-    finetune_kwargs
-        Further arguments of :func:`~scbert_tl.tl.finetune`.
+    {doc_finetune_kwargs}
     rng
         Seed of the folds, of the subsets and of the training.
-    key_added
-        Key in ``adata.uns`` for the results.
+    {doc_key_added}
 
     Returns
     -------
@@ -80,7 +73,7 @@ def reference_size_curve(
     fractions = sorted({float(f) for f in fractions})
     if not fractions or fractions[0] <= 0 or fractions[-1] > 1:
         raise ValueError(f"fractions must be in (0, 1], got {fractions}.")
-    data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     rows: list[dict[str, Any]] = []
     subsets: dict[str, dict[str, np.ndarray]] = {}
     for _, fold, train, test, _ in iter_folds(data.labels, n_splits, 1, rng, folds):
@@ -91,7 +84,7 @@ def reference_size_curve(
             fold_subsets[f"{fraction:g}"] = np.asarray(adata.obs_names[sub], dtype=str)
             logger.info("reference_size_curve: fold %d, fraction %.2f: %d training cells", fold, fraction, sub.size)
             for method in data.methods:
-                pred = data.run(method, sub, test, model=model, validation=validation, seed=rng)
+                pred = data.run(method, sub, test)
                 row = score_row(
                     pred,
                     data.labels[test],
@@ -106,15 +99,6 @@ def reference_size_curve(
                 logger.info("  %s: accuracy %.3f, macro F1 %.3f", method, row["accuracy"], row["macro_f1"])
         subsets[str(fold)] = fold_subsets
     frame = pd.DataFrame(rows)
-    params = base_params(
-        data,
-        model,
-        rng,
-        validation,
-        protocol="reference_size_curve",
-        fractions=fractions,
-        n_splits=n_splits,
-        folds="all" if folds is None else sorted(int(f) for f in folds),
-    )
+    params = data.params("reference_size_curve", fractions=fractions, n_splits=n_splits, folds=folds_param(folds))
     store(adata, key_added, frame, params, summary=summarise(frame, ["method", "fraction"]), subsets=subsets)
     return frame

@@ -12,8 +12,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data import class_order
-from ._evaluate import INPUT_KEYS, base_params, gene_ids, labelled, log_normalised, predict, score_row, store, summarise
+from ..._docs import doc_params
+from ...data import class_order
+from .._docs import FRAGMENTS
+from ._comparison import comparison, score_row, store, summarise
+from ._levels import shared_labels, shared_prediction, to_shared
+from ._methods import INPUT_KEYS, gene_ids, log_normalised, predict
 
 if TYPE_CHECKING:
     import os
@@ -21,7 +25,7 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from .._scbert import ScBERT
+    from ..._scbert import ScBERT
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ def _log_normalised_copy(adata: AnnData, label_key: str, name: str, input_kwargs
     """The cells normalised to 1e4 over their own genes and ``log1p``, with the labels and the dataset name only."""
     import anndata as ad
 
-    from ..data import input_params
+    from ...data import input_params
 
     params = input_params(adata, **input_kwargs)
     out = ad.AnnData(
@@ -78,71 +82,8 @@ def _training_genes(parts: list[AnnData]) -> pd.Index:
     return shared
 
 
-# ------------------------------------------------------------------------------------------ label levels
-def _shared_labels(
-    adatas: list[AnnData], names: list[str], label_key: str, label_map: Mapping[str, str | None] | str | None
-) -> list[np.ndarray]:
-    """Each dataset's cells at the shared level (``None``: a cell left out)."""
-    out = []
-    if label_map is None or isinstance(label_map, Mapping):
-        mapping = {} if label_map is None else {str(k): v for k, v in label_map.items()}
-        for v in mapping.values():
-            if v is not None and not isinstance(v, str):
-                raise ValueError(f"label_map values must be labels (str) or None (leave out), got {v!r}.")
-        for a in adatas:
-            labels = a.obs[label_key].astype(str).to_numpy()
-            out.append(np.array([mapping.get(t, t) for t in labels], dtype=object))
-        return out
-    if not isinstance(label_map, str):
-        raise TypeError(f"label_map must be a dict, the name of an obs column or None, got {type(label_map).__name__}.")
-    have = [label_map in a.obs for a in adatas]
-    if not any(have):
-        raise KeyError(
-            f"label_map={label_map!r} names an obs column that none of the datasets has; pass the column of the "
-            "shared labels, or a dict from labels to shared labels."
-        )
-    for a, name, has in zip(adatas, names, have, strict=True):
-        if has:
-            col = a.obs[label_map]
-            out.append(np.where(col.isna().to_numpy(), None, col.astype(str).to_numpy()).astype(object))
-        else:
-            logger.info(
-                "dataset_transfer: %s has no obs[%r]; its %r labels are taken as shared labels",
-                name,
-                label_map,
-                label_key,
-            )
-            out.append(a.obs[label_key].astype(str).to_numpy().astype(object))
-    return out
-
-
-def _to_shared(own: np.ndarray, shared: np.ndarray, name: str) -> dict[str, str]:
-    """The function from a dataset's own labels to its shared labels (each label must have one)."""
-    mapping: dict[str, str] = {}
-    for o, s in sorted(set(zip(own, shared, strict=True))):
-        if mapping.setdefault(o, s) != s:
-            raise ValueError(
-                f"In {name}, the cells of type {o!r} have more than one shared label ({mapping[o]!r}, {s!r}); a "
-                "type must map to one shared type (or be left out)."
-            )
-    return mapping
-
-
-def _mapped(labels: np.ndarray, mapping: dict[str, str | None]) -> np.ndarray:
-    return np.array([mapping.get(t, t) for t in np.asarray(labels, dtype=str)], dtype=object)
-
-
-def _shared_prediction(pred: Any, mapping: dict[str, str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """The predicted types at the shared level and the probability of each (summed over the types that share it)."""
-    labels = _mapped(pred.labels, mapping)
-    if pred.probabilities is None or not mapping:
-        return labels, pred.confidence
-    shared_of_class = _mapped(np.asarray(pred.classes, dtype=str), mapping)
-    same = shared_of_class[None, :] == labels[:, None]
-    return labels, np.minimum(1.0, (pred.probabilities * same).sum(axis=1))
-
-
 # ------------------------------------------------------------------------------------------ the protocol
+@doc_params(**FRAGMENTS)
 def dataset_transfer(
     adatas: Sequence[AnnData] | Mapping[str, AnnData],
     label_key: str,
@@ -175,7 +116,7 @@ def dataset_transfer(
     that no model gene is fed to it as ``[MASK]``.
 
     **Labels at different resolutions.** ``label_map`` maps labels to a shared level, e.g. PBMC types
-    to lineages (``{"Naive CD4 T": "T_CD4", "Memory CD4 T": "T_CD4", "CD14+ Mono": "MNP", ...}``).
+    to lineages (``{{"Naive CD4 T": "T_CD4", "Memory CD4 T": "T_CD4", "CD14+ Mono": "MNP", ...}}``).
     A single training dataset is trained on its own labels and each predicted type is mapped to its
     shared label (the probability of a shared label is the sum over the types that map to it);
     several training datasets are pooled at the shared level. The query is scored against its
@@ -198,14 +139,12 @@ def dataset_transfer(
     label_map
         How labels map to the shared level at which queries are scored: a dict from a label (of any
         dataset) to its shared label, where labels not in the dict are their own shared label and
-        ``None`` leaves the cells of that label out (out of training and of scoring, e.g. ``{"Platelet":
-        None, "?": None}``); or the name of an obs column that holds every cell's shared label
+        ``None`` leaves the cells of that label out (out of training and of scoring, e.g. ``{{"Platelet":
+        None, "?": None}}``); or the name of an obs column that holds every cell's shared label
         (missing values: left out; a dataset without the column is labelled at the shared level
         already). Default: the labels as they are.
-    model
-        Starting point of :func:`~scbert_tl.tl.finetune` (default: a new compact model).
-    baselines
-        ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
+    {doc_model}
+    {doc_baselines}
     validation
         Fraction of the training cells held out for scBERT's model selection and calibration.
     query_genes
@@ -213,8 +152,7 @@ def dataset_transfer(
         ``genes_measured_in`` of :func:`~scbert_tl.tl.finetune`; one model per query). ``False``: among
         all genes of the training data, as without a query; the genes the query lacks are then fed as
         ``[MASK]``.
-    finetune_kwargs
-        Further arguments of :func:`~scbert_tl.tl.finetune`.
+    {doc_finetune_kwargs}
     rng
         Seed of the training.
     key_added
@@ -232,28 +170,18 @@ def dataset_transfer(
     (per query: the training datasets, their number of cells and shared genes, the labels trained
     on, the ``unmatched`` and ``unseen`` types and the ``label_map`` applied) and ``"params"``.
     """
-    if isinstance(adatas, Mapping):
-        if names is not None:
-            raise ValueError("Pass names only with a list of datasets; a mapping already names them.")
-        names, adatas = [str(k) for k in adatas], list(adatas.values())
-    else:
-        adatas = list(adatas)
-        names = [f"dataset{i}" for i in range(len(adatas))] if names is None else [str(n) for n in names]
-    if len(adatas) < 2:
-        raise ValueError(f"dataset_transfer needs at least two datasets, got {len(adatas)}.")
-    if len(names) != len(adatas) or len(set(names)) != len(names):
-        raise ValueError(f"names must be {len(adatas)} different names, got {names}.")
+    adatas, names = _named(adatas, names)
     reference = _check_reference(reference, names)
     finetune_kwargs = dict(finetune_kwargs or {})
     if "genes_measured_in" in finetune_kwargs:
         raise ValueError("finetune_kwargs may not set 'genes_measured_in': the query's genes are used (query_genes).")
     input_kwargs = {k: finetune_kwargs.pop(k) for k in INPUT_KEYS if k in finetune_kwargs}
     checked = [
-        labelled(a, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs, baseline_input=False)
+        comparison(a, label_key, model, validation, rng, baselines, finetune_kwargs, baseline_input=False)
         for a in adatas
     ]
     methods = checked[0].methods
-    shared = _shared_labels(adatas, names, label_key, label_map)
+    shared = shared_labels(adatas, names, label_key, label_map)
     parts = [_log_normalised_copy(a, label_key, n, input_kwargs) for a, n in zip(adatas, names, strict=True)]
     for part, labels in zip(parts, shared, strict=True):
         part.obs[SHARED] = labels
@@ -280,12 +208,8 @@ def dataset_transfer(
             seed=rng,
         )
     frame = pd.DataFrame(rows)
-    params = base_params(
-        checked[0],
-        model,
-        rng,
-        validation,
-        protocol="dataset_transfer",
+    params = checked[0].params(
+        "dataset_transfer",
         names=names,
         reference="leave_one_out" if reference is None else reference,
         # a JSON string: h5ad cannot store the None (left out) of a dict
@@ -296,6 +220,24 @@ def dataset_transfer(
     for a in adatas:
         store(a, key_added, frame, params, summary=summarise(frame, ["method"]), training=training)
     return frame
+
+
+def _named(
+    adatas: Sequence[AnnData] | Mapping[str, AnnData], names: Sequence[str] | None
+) -> tuple[list[AnnData], list[str]]:
+    """The datasets and their names, checked."""
+    if isinstance(adatas, Mapping):
+        if names is not None:
+            raise ValueError("Pass names only with a list of datasets; a mapping already names them.")
+        names, adatas = [str(k) for k in adatas], list(adatas.values())
+    else:
+        adatas = list(adatas)
+        names = [f"dataset{i}" for i in range(len(adatas))] if names is None else [str(n) for n in names]
+    if len(adatas) < 2:
+        raise ValueError(f"dataset_transfer needs at least two datasets, got {len(adatas)}.")
+    if len(names) != len(adatas) or len(set(names)) != len(names):
+        raise ValueError(f"names must be {len(adatas)} different names, got {names}.")
+    return adatas, names
 
 
 def _check_reference(reference: str | Sequence[str] | None, names: list[str]) -> list[str] | None:
@@ -338,7 +280,7 @@ def _setting(parts: list[AnnData], names: list[str], train_names: list[str], hel
     query = query[query.obs[SHARED].notna().to_numpy()]
     ref = _training_cells(train_parts, label_key)
     own_level = len(train_parts) == 1
-    mapping = _to_shared(ref.obs[label_key].to_numpy(), ref.obs[SHARED].to_numpy(), held_out) if own_level else {}
+    mapping = to_shared(ref.obs[label_key].to_numpy(), ref.obs[SHARED].to_numpy(), held_out) if own_level else {}
     truth = query.obs[SHARED].to_numpy(dtype=str)
     train_shared = class_order(ref.obs[SHARED].astype(str).to_numpy())
     query_types = class_order(truth)
@@ -404,7 +346,7 @@ def _run_methods(s: _Setting, methods: list[str], label_key: str, **fit: Any) ->
     rows = []
     for method in methods:
         pred = predict(method, train, s.query.copy(), label_key, genes=list(s.genes), **fit, **baseline_x)
-        pred.labels, pred.confidence = _shared_prediction(pred, s.mapping)
+        pred.labels, pred.confidence = shared_prediction(pred, s.mapping)
         row = score_row(
             pred,
             s.truth,

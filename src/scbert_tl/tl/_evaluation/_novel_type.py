@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from ..train._calibration import NOVELTY_SCORE, expected_calibration_error
-from ._annotate import DEFAULT_FALSE_UNKNOWN_RATE
-from ._evaluate import base_params, iter_folds, labelled, store
-from ._finetune import stratified_split
+from ..._docs import doc_params
+from ...train._calibration import NOVELTY_SCORE, expected_calibration_error
+from .._annotate import DEFAULT_FALSE_UNKNOWN_RATE
+from .._docs import FRAGMENTS
+from .._finetune import stratified_split
+from ._comparison import comparison, store
+from ._folds import folds_param, iter_folds
 
 if TYPE_CHECKING:
     import os
@@ -19,13 +22,14 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from .._scbert import ScBERT
+    from ..._scbert import ScBERT
 
 logger = logging.getLogger(__name__)
 
 THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
+@doc_params(**FRAGMENTS)
 def novel_type_detection(
     adata: AnnData,
     label_key: str,
@@ -74,23 +78,15 @@ def novel_type_detection(
         Probability thresholds to sweep, each in [0, 1].
     false_unknown_rate
         Share of the validation cells the chosen thresholds call unknown.
-    model
-        Starting point of :func:`~scbert_tl.tl.finetune` (default: a new compact model).
-    n_splits
-        Folds of the split into training and test cells.
-    folds
-        The folds to run (default: the first only; ``None``: all).
-    baselines
-        ``"l1_logistic"`` and/or ``"celltypist"``, as in :func:`~scbert_tl.tl.cross_validate`.
+    {doc_folds}
+    {doc_baselines}
     validation
         Fraction of the known training cells set aside as validation cells (scBERT's model
         selection and calibration; every method's threshold choice).
-    finetune_kwargs
-        Further arguments of :func:`~scbert_tl.tl.finetune`.
+    {doc_finetune_kwargs}
     rng
         Seed of the folds, of the validation cells and of the training.
-    key_added
-        Key in ``adata.uns`` for the results.
+    {doc_key_added}
 
     Returns
     -------
@@ -108,7 +104,7 @@ def novel_type_detection(
     were predicted as without a threshold: method, left_out, fold, predicted, n) and ``"params"``.
     """
     thresholds = _check_args(thresholds, false_unknown_rate, validation)
-    data = labelled(adata, label_key, baselines=baselines, finetune_kwargs=finetune_kwargs)
+    data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     leave_out = _leave_out(leave_out, data.classes, label_key)
     rows: list[dict[str, Any]] = []
     chosen: list[dict[str, Any]] = []
@@ -135,7 +131,7 @@ def novel_type_detection(
             )
             run = {"left_out": novel_type, "fold": fold}
             for method in data.methods:
-                pred = data.run(method, train, test, model=model, validation=val_names, seed=rng, novelty=True)
+                pred = data.run(method, train, test, validation=val_names, novelty=True)
                 counts = {
                     "n_train": int(train.size - val.size),
                     "n_known": int((~novel).sum()),
@@ -146,17 +142,13 @@ def novel_type_detection(
                 chosen += found[1]
                 novel_as += found[2]
     frame = pd.DataFrame(rows)
-    params = base_params(
-        data,
-        model,
-        rng,
-        validation,
-        protocol="novel_type_detection",
+    params = data.params(
+        "novel_type_detection",
         leave_out=leave_out,
         thresholds=thresholds,
         false_unknown_rate=false_unknown_rate,
         n_splits=n_splits,
-        folds="all" if folds is None else sorted(int(f) for f in folds),
+        folds=folds_param(folds),
     )
     store(adata, key_added, frame, params, chosen=pd.DataFrame(chosen), novel_as=pd.DataFrame(novel_as))
     return frame
