@@ -311,6 +311,19 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         assert torch.equal(v, v2)
 
 
+def test_resumed_run_keeps_every_model_field(tmp_path):
+    # a model that reads unmeasured genes as [MASK] (and carries a calibration) must come back as such from
+    # its checkpoint: rebuilt with the defaults it would silently read them as zero expression
+    a = _binned(40, GENES, 13)
+    model = _tiny_model()
+    model.unmeasured, model.calibration = "mask", {"temperature": 1.5}
+    _run(a, tmp_path, model=model, epochs=1, stop_after=2)
+    resumed = _run(a, tmp_path, model=None, resume=True, epochs=1)
+    assert resumed.unmeasured == "mask"
+    assert resumed.calibration == {"temperature": 1.5}
+    assert resumed.genes == model.genes and resumed.panel == model.panel
+
+
 def test_checkpoint_guards(tmp_path):
     a = _binned(40, GENES, 12)
     _run(a, tmp_path, epochs=1)

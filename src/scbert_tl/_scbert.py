@@ -328,6 +328,10 @@ class ScBERT:
         """The model of ``network`` that ``record`` describes (a saved model's config, a pretraining checkpoint's meta)."""
         return cls(network, record["genes"], **{k: record[k] for k in _RECORD_KEYS if k in record})
 
+    def record(self) -> dict[str, Any]:
+        """What :meth:`from_record` needs besides the network: the genes and every other model field."""
+        return {"genes": self.genes, **{k: getattr(self, k) for k in _RECORD_KEYS}}
+
     # ------------------------------------------------------------------------------------------ save
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the model as a directory: ``config.json`` (architecture, genes, classes, provenance, history, calibration) and ``model.pt`` (state dict).
@@ -355,14 +359,7 @@ class ScBERT:
             "format_version": FORMAT_VERSION,
             "scbert_tl_version": __version__,
             "config": self.config.to_dict(),
-            "panel": self.panel,
-            "normalization": self.normalization,
-            "unmeasured": self.unmeasured,
-            "genes": self.genes,
-            "classes": self.classes,
-            "provenance": self.provenance,
-            "history": self.history,
-            "calibration": self.calibration,
+            **self.record(),
         }
         state = {k: v.detach().cpu() for k, v in self.network.state_dict().items()}
         # New files are written beside their targets, then moved into place. Replacing a model swaps only

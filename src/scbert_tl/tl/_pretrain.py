@@ -273,13 +273,8 @@ def pretrain(
         options = replace(options, lr=lr)
         names = [item_name(it, i, len(items)) for i, it in enumerate(items)]
         sources = [source_for(it, scb, nm, main=ctx.is_main) for it, nm in zip(items, names, strict=True)]
-        meta = {
-            "genes": scb.genes,
-            "panel": scb.panel,
-            "classes": scb.classes,
-            "normalization": scb.normalization,
-            "provenance": scb.provenance,
-        }
+        # every model field but the history (the checkpoint keeps that itself), so a resumed run is the same model
+        meta = {k: v for k, v in scb.record().items() if k != "history"}
         result = pretrain_network(
             scb.network, sources, options, device=device, precision=precision, checkpoint_meta=meta, history=scb.history
         )
