@@ -200,3 +200,23 @@ def test_torchrun_shards_equal_one_process(allen, tmp_path):
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     _assert_same(ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "two.h5ad"))
     assert not (tmp_path / "two.h5ad.partial").exists()
+
+
+def test_file_rows_read_only_their_part_of_the_file(allen, monkeypatch):
+    """Ranges of rows of a CSR matrix equal anndata's, at the edges too, without reading the whole ``indptr``."""
+    import scipy.sparse as sp
+
+    from scbert_tl.data import H5adFile
+
+    path, _ = allen
+    backed = ad.read_h5ad(path, backed="r")
+    expected = {(a, b): sp.csr_matrix(backed.X[a:b]) for a, b in [(0, 1), (7, 900), (2400, 2500), (30, 30)]}
+    backed.file.close()
+    # the ranges must not go through anndata's sparse dataset, which reads every cell's offset
+    monkeypatch.setattr("anndata.io.sparse_dataset", lambda *_: pytest.fail("read through sparse_dataset"))
+    file = H5adFile(path)
+    for (a, b), want in expected.items():
+        got = file.rows("X", a, b)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert (got != want).nnz == 0
+    assert file.rows("X", 2490, 2600).shape[0] == 10  # a range past the end stops at the last cell
