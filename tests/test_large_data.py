@@ -115,6 +115,31 @@ def test_dask_matrix_runs_through_dask(allen):
     _assert_same(expected, lazy)
 
 
+@pytest.mark.slow
+def test_dask_cluster_runs_the_blocks_on_its_workers(allen):
+    """With a dask.distributed client, the blocks run in the cluster's worker processes, with the same results."""
+    pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    import h5py
+    from anndata.experimental import read_elem_lazy
+    from anndata.io import read_elem
+
+    path, model_dir = allen
+    model = ScBERT.load(model_dir)
+    expected = _in_memory(path, model)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, distributed.Client(cluster) as client, h5py.File(path, "r") as f:
+        lazy = ad.AnnData(X=read_elem_lazy(f["X"], chunks=(500, -1)), obs=read_elem(f["obs"]), var=read_elem(f["var"]))
+        workers = set(client.scheduler_info()["workers"])
+        with distributed.get_task_stream(client) as tasks:
+            scbert.tl.annotate(lazy, model, batch_size=100)
+            scbert.tl.embed(lazy, model, batch_size=100)
+    ran_on = [t["worker"] for t in tasks.data if "block" in str(t["key"])]
+    assert len(ran_on) == 2 * 5  # one task per block of 500 cells for each tool
+    assert set(ran_on) <= workers
+    _assert_same(expected, lazy)
+
+
 def _annotate_cli(path, model_dir, out, *extra):
     return main(["annotate", str(path), "--model", str(model_dir), "--out", str(out), "--embed", "-q", *extra])
 
