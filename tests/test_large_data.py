@@ -115,6 +115,24 @@ def test_dask_matrix_runs_through_dask(allen):
     _assert_same(expected, lazy)
 
 
+def test_read_lazy_anndata_is_annotated_through_dask(allen):
+    """``anndata.experimental.read_lazy`` (dask X, xarray obs): the tools stream X and write into the lazy obs."""
+    pytest.importorskip("dask.array")
+    pytest.importorskip("xarray", reason="anndata's read_lazy needs xarray")
+    from anndata.experimental import read_lazy
+
+    path, model_dir = allen
+    model = ScBERT.load(model_dir)
+    expected = _in_memory(path, model)
+    lazy = read_lazy(path)
+    scbert.tl.annotate(lazy, model, batch_size=64)
+    scbert.tl.embed(lazy, model, batch_size=64)
+    for key in SLOTS:
+        np.testing.assert_array_equal(np.asarray(lazy.obs[key]), expected.obs[key].to_numpy())
+    for key in ("scbert_probabilities", "X_scbert"):
+        np.testing.assert_array_equal(np.asarray(lazy.obsm[key]), expected.obsm[key])
+
+
 @pytest.mark.slow
 def test_dask_cluster_runs_the_blocks_on_its_workers(allen):
     """With a dask.distributed client, the blocks run in the cluster's worker processes, with the same results."""
