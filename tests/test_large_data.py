@@ -115,6 +115,49 @@ def test_dask_matrix_runs_through_dask(allen):
     _assert_same(expected, lazy)
 
 
+def test_read_lazy_anndata_is_annotated_through_dask(allen):
+    """``anndata.experimental.read_lazy`` (dask X, xarray obs): the tools stream X and write into the lazy obs."""
+    pytest.importorskip("dask.array")
+    pytest.importorskip("xarray", reason="anndata's read_lazy needs xarray")
+    from anndata.experimental import read_lazy
+
+    path, model_dir = allen
+    model = ScBERT.load(model_dir)
+    expected = _in_memory(path, model)
+    lazy = read_lazy(path)
+    scbert.tl.annotate(lazy, model, batch_size=64)
+    scbert.tl.embed(lazy, model, batch_size=64)
+    for key in SLOTS:
+        np.testing.assert_array_equal(np.asarray(lazy.obs[key]), expected.obs[key].to_numpy())
+    for key in ("scbert_probabilities", "X_scbert"):
+        np.testing.assert_array_equal(np.asarray(lazy.obsm[key]), expected.obsm[key])
+
+
+@pytest.mark.slow
+def test_dask_cluster_runs_the_blocks_on_its_workers(allen):
+    """With a dask.distributed client, the blocks run in the cluster's worker processes, with the same results."""
+    pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    import h5py
+    from anndata.experimental import read_elem_lazy
+    from anndata.io import read_elem
+
+    path, model_dir = allen
+    model = ScBERT.load(model_dir)
+    expected = _in_memory(path, model)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with cluster, distributed.Client(cluster) as client, h5py.File(path, "r") as f:
+        lazy = ad.AnnData(X=read_elem_lazy(f["X"], chunks=(500, -1)), obs=read_elem(f["obs"]), var=read_elem(f["var"]))
+        workers = set(client.scheduler_info()["workers"])
+        with distributed.get_task_stream(client) as tasks:
+            scbert.tl.annotate(lazy, model, batch_size=100)
+            scbert.tl.embed(lazy, model, batch_size=100)
+    ran_on = [t["worker"] for t in tasks.data if "block" in str(t["key"])]
+    assert len(ran_on) == 2 * 5  # one task per block of 500 cells for each tool
+    assert set(ran_on) <= workers
+    _assert_same(expected, lazy)
+
+
 def _annotate_cli(path, model_dir, out, *extra):
     return main(["annotate", str(path), "--model", str(model_dir), "--out", str(out), "--embed", "-q", *extra])
 
@@ -200,3 +243,23 @@ def test_torchrun_shards_equal_one_process(allen, tmp_path):
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     _assert_same(ad.read_h5ad(tmp_path / "one.h5ad"), ad.read_h5ad(tmp_path / "two.h5ad"))
     assert not (tmp_path / "two.h5ad.partial").exists()
+
+
+def test_file_rows_read_only_their_part_of_the_file(allen, monkeypatch):
+    """Ranges of rows of a CSR matrix equal anndata's, at the edges too, without reading the whole ``indptr``."""
+    import scipy.sparse as sp
+
+    from scbert_tl.data import H5adFile
+
+    path, _ = allen
+    backed = ad.read_h5ad(path, backed="r")
+    expected = {(a, b): sp.csr_matrix(backed.X[a:b]) for a, b in [(0, 1), (7, 900), (2400, 2500), (30, 30)]}
+    backed.file.close()
+    # the ranges must not go through anndata's sparse dataset, which reads every cell's offset
+    monkeypatch.setattr("anndata.io.sparse_dataset", lambda *_: pytest.fail("read through sparse_dataset"))
+    file = H5adFile(path)
+    for (a, b), want in expected.items():
+        got = file.rows("X", a, b)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert (got != want).nnz == 0
+    assert file.rows("X", 2490, 2600).shape[0] == 10  # a range past the end stops at the last cell

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import (
-    check_input,
-    check_output_file,
-    compute_options,
-    input_options,
-    stream_kwargs,
-    stream_options,
-    threshold,
-)
+from ._common import threshold
+from ._streamed import run_streamed, streamed_options, streamed_parser
 
 if TYPE_CHECKING:
     import argparse
@@ -21,15 +13,20 @@ if TYPE_CHECKING:
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the command and its options."""
-    p = sub.add_parser(
+    p = streamed_parser(
+        sub,
         "annotate",
         help="predict cell types of a .h5ad with a fine-tuned model",
         description="Predict cell types (and optionally a cell embedding) and write the annotated .h5ad, streamed "
         "a chunk of cells at a time and resumable (see --chunk-size).",
+        cells="cells to annotate",
+        model="a fine-tuned model's folder (written by scbert finetune)",
+        out="annotated .h5ad to write",
+        key_added=(
+            "scbert",
+            "obs column of the predicted types (also KEY_confidence, KEY_novelty, obsm KEY_probabilities, uns KEY)",
+        ),
     )
-    p.add_argument("input", type=Path, metavar="IN.h5ad", help="cells to annotate")
-    p.add_argument("--model", required=True, help="a fine-tuned model's folder (written by scbert finetune)")
-    p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad", help="annotated .h5ad to write")
     p.add_argument(
         "--unknown-threshold",
         type=threshold,
@@ -42,35 +39,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=float,
         help="with 'auto': the share of known cells accepted as 'unknown' on the validation cells (default: 0.05)",
     )
-    p.add_argument(
-        "--key-added",
-        default="scbert",
-        help="obs column of the predicted types (also KEY_confidence, KEY_novelty, obsm KEY_probabilities, uns KEY)",
-    )
     p.add_argument("--embed", action="store_true", help="also write a cell embedding to obsm['X_scbert']")
-    stream_options(p)
-    input_options(p)
-    compute_options(p)
-    return p
+    return streamed_options(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
-    from .._scbert import ScBERT
-    from ..tl._files import annotate_file
-
-    check_output_file(args.out, overwrite=args.overwrite)
-    check_input(args.input)
-    model = ScBERT.load(args.model)
-    counts = annotate_file(
-        args.input,
-        args.out,
-        model,
+    counts = run_streamed(
+        args,
+        "annotate_file",
         unknown_threshold=args.unknown_threshold,
         false_unknown_rate=args.false_unknown_rate,
-        key_added=args.key_added,
         embed_key="X_scbert" if args.embed else None,
-        **stream_kwargs(args),
     )
     if counts is not None:  # the process that wrote the output (process 0 under torchrun)
         print(f"Annotated {int(counts.sum())} cells -> {args.out}")

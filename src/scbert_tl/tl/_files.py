@@ -39,19 +39,20 @@ def annotate_file(
     out: str | os.PathLike,
     model: str | os.PathLike | ScBERT,
     *,
-    unknown_threshold: float | Literal["auto"] = "auto",
-    false_unknown_rate: float | None = None,
-    key_added: str = "scbert",
     embed_key: str | None = None,
-    chunk_size: int | None = None,
-    **kwargs: Any,
+    **options: Any,
 ) -> pd.Series | None:
     """Annotate the cells of the ``.h5ad`` file ``path`` into ``out`` (a copy of it with the slots of :func:`~scbert_tl.tl.annotate`).
 
     ``embed_key`` also writes the mean-gene embedding of :func:`~scbert_tl.tl.embed` to ``obsm``.
-    ``kwargs`` are the input and compute options of :class:`~scbert_tl.tl._job.FileJob`. Returns the
-    count of cells per label in the process that wrote the output, else None.
+    ``options`` are ``unknown_threshold``, ``false_unknown_rate`` and ``key_added`` of
+    :func:`~scbert_tl.tl.annotate` (same defaults) and the input and compute options of
+    :class:`~scbert_tl.tl._job.FileJob`. Returns the count of cells per label in the process that wrote
+    the output, else None.
     """
+    unknown_threshold = options.pop("unknown_threshold", "auto")
+    false_unknown_rate = options.pop("false_unknown_rate", None)
+    key_added = options.pop("key_added", "scbert")
     m = _load(model)
     _require_classifier(m)
     rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
@@ -91,9 +92,9 @@ def annotate_file(
         counts["labels"] = pd.Series(labels, name=key_added).value_counts()
 
     def make() -> FileJob:
-        return FileJob(path, out, m, fns, chunk_size=chunk_size, desc="annotate", **kwargs)
+        return FileJob(path, out, m, fns, desc="annotate", **options)
 
-    run_file_job(make, write, kwargs.get("device"))
+    run_file_job(make, write, options.get("device"))
     return counts.get("labels")
 
 
@@ -104,12 +105,12 @@ def embed_file(
     *,
     representation: Literal["genes", "classifier"] = "genes",
     key_added: str = "X_scbert",
-    chunk_size: int | None = None,
-    **kwargs: Any,
+    **options: Any,
 ) -> int | None:
     """Embed the cells of the ``.h5ad`` file ``path`` into ``out`` (a copy of it with ``obsm[key_added]``, what :func:`~scbert_tl.tl.embed` writes).
 
-    Returns the number of cells in the process that wrote the output, else None.
+    ``options`` are the input and compute options of :class:`~scbert_tl.tl._job.FileJob`. Returns the
+    number of cells in the process that wrote the output, else None.
     """
     m = _load(model)
     fn = output_fn(m, representation)
@@ -125,7 +126,7 @@ def embed_file(
         written["n"] = job.n_cells
 
     def make() -> FileJob:
-        return FileJob(path, out, m, {"embedding": fn}, chunk_size=chunk_size, desc="embed", **kwargs)
+        return FileJob(path, out, m, {"embedding": fn}, desc="embed", **options)
 
-    run_file_job(make, write, kwargs.get("device"))
+    run_file_job(make, write, options.get("device"))
     return written.get("n")

@@ -18,14 +18,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .._settings import settings
 from ..data import FileMatrix, H5adFile, chunk_bounds, gene_ids, matrix_key, recorded_params
-from ._stream import ModelTokens, chunk_size_for, run_chunks
+from ._stream import ModelTokens, chunk_size_for, run_chunks, run_options
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -66,15 +66,13 @@ class FileJob:
         The model.
     fns
         Named output functions ``fn(network, tokens) -> (cells, width)``, each saved per chunk.
-    gene_key, layer, use_raw
-        Input choices (default: those recorded by the file's last :func:`~scbert_tl.pp.bin`).
-    chunk_size
-        Cells per chunk (rounded up to whole batches; default
-        :data:`~scbert_tl.data.CHUNK_SIZE`).
-    batch_size, device, precision
-        As for the tools.
     desc
         Name of the progress bar.
+    **options
+        The input and compute options of the tools (:data:`~scbert_tl.tl._stream.RUN_OPTIONS`):
+        ``gene_key``, ``layer``, ``use_raw`` (default: those recorded by the file's last
+        :func:`~scbert_tl.pp.bin`), ``chunk_size`` (cells per chunk, rounded up to whole batches; default
+        :data:`~scbert_tl.data.CHUNK_SIZE`), ``batch_size``, ``device``, ``precision``.
     """
 
     def __init__(
@@ -84,26 +82,20 @@ class FileJob:
         model: ScBERT,
         fns: dict[str, OutputFn],
         *,
-        gene_key: str | None = None,
-        layer: str | None = None,
-        use_raw: bool | None = None,
-        chunk_size: int | None = None,
-        batch_size: int | None = None,
-        device: str | None = None,
-        precision: str | None = None,
         desc: str = "scBERT",
+        **options: Any,
     ) -> None:
         from anndata import AnnData
 
+        o = run_options(options)
         self.path, self.out = Path(path), Path(out)
         self.model, self.fns, self.desc = model, fns, desc
-        self.device, self.precision = device, precision
+        self.device, self.precision = o["device"], o["precision"]
         self.file = H5adFile(self.path)
         if self.file.n_obs == 0:
             raise ValueError(f"{self.path} has no cells.")
         params = recorded_params(self.file.uns)
-        given = {"gene_key": gene_key, "layer": layer, "use_raw": use_raw}
-        params.update({k: v for k, v in given.items() if v is not None})
+        params.update({k: o[k] for k in ("gene_key", "layer", "use_raw") if o[k] is not None})
         var = self.file.raw_var if params.get("use_raw") else self.file.var
         if var is None:
             raise ValueError(f"{self.path} has no raw; drop use_raw (--use-raw) to read X.")
@@ -115,7 +107,7 @@ class FileJob:
             self.matrix, f"{self.path.name}:{key}", gene_ids(AnnData(var=var), params.get("gene_key")), model
         )
         self.n_cells = self.file.n_obs
-        self.batch_size, self.chunk_size = chunk_size_for(model.network, chunk_size, batch_size, device)
+        self.batch_size, self.chunk_size = chunk_size_for(model.network, o["chunk_size"], o["batch_size"], self.device)
         self.bounds = chunk_bounds(self.n_cells, self.chunk_size)
         self.work = self.out.parent / f"{self.out.name}.partial"
         stat = self.path.stat()
@@ -130,7 +122,7 @@ class FileJob:
             "n_cells": self.n_cells,
             "chunk_size": self.chunk_size,
             "batch_size": self.batch_size,
-            "precision": str(precision),
+            "precision": str(self.precision),
         }
 
     # ------------------------------------------------------------------------------------------ chunks

@@ -102,6 +102,18 @@ class ModelTokens:
         return TokenMatrix(chunk.bins, self.panel_index, self.n_genes, unmeasured_token=self.unmeasured_token)
 
 
+#: The input and compute options of the tools that a model run takes (each None by default).
+RUN_OPTIONS = ("gene_key", "layer", "use_raw", "batch_size", "chunk_size", "device", "precision")
+
+
+def run_options(given: dict[str, Any]) -> dict[str, Any]:
+    """Every one of :data:`RUN_OPTIONS`, as ``given`` or None; an unknown option is an error."""
+    unknown = sorted(set(given) - set(RUN_OPTIONS))
+    if unknown:
+        raise TypeError(f"Unknown option(s) {unknown}; the input and compute options are {list(RUN_OPTIONS)}.")
+    return {k: given.get(k) for k in RUN_OPTIONS}
+
+
 def chunk_size_for(
     network: ScBERTNetwork, chunk_size: int | None, batch_size: int | None, device: Any
 ) -> tuple[int, int]:
@@ -145,27 +157,18 @@ def run_chunks(
             yield i, dict(zip(names, outs, strict=True))
 
 
-def model_outputs(
-    adata: AnnData,
-    model: ScBERT,
-    fn: OutputFn,
-    *,
-    gene_key: str | None = None,
-    layer: str | None = None,
-    use_raw: bool | None = None,
-    batch_size: int | None = None,
-    chunk_size: int | None = None,
-    device: str | None = None,
-    precision: str | None = None,
-    desc: str = "scBERT",
-) -> np.ndarray:
+def model_outputs(adata: AnnData, model: ScBERT, fn: OutputFn, *, desc: str = "scBERT", **options: Any) -> np.ndarray:
     """``fn(network, tokens)`` for every cell of ``adata`` as float32 numpy: in memory, or streamed when ``adata`` is out of core.
 
-    In memory, ``adata`` is binned for the model when needed (:func:`~scbert_tl.tl._data.tokens_for`).
+    ``options`` are the input and compute options of the tools (:data:`RUN_OPTIONS`). In memory,
+    ``adata`` is binned for the model when needed (:func:`~scbert_tl.tl._data.tokens_for`).
     An AnnData opened backed, or whose input matrix is a dask array, is read a chunk of ``chunk_size``
     cells at a time and binned on the fly (nothing is written into it); a dask array is processed block
     by block through dask, so a dask cluster spreads the work. The results are the same either way.
     """
+    o = run_options(options)
+    gene_key, layer, use_raw = o["gene_key"], o["layer"], o["use_raw"]
+    batch_size, device, precision = o["batch_size"], o["device"], o["precision"]
     m = model
     if not out_of_core(adata, gene_key=gene_key, layer=layer, use_raw=use_raw):
         tokens = tokens_for(adata, m, gene_key=gene_key, layer=layer, use_raw=use_raw)
@@ -176,7 +179,7 @@ def model_outputs(
     params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
     X, where = matrix(adata, params.get("layer"), bool(params.get("use_raw")))
     tokens = ModelTokens(X, where, gene_ids(adata, params.get("gene_key")), m)
-    batch_size, chunk_size = chunk_size_for(m.network, chunk_size, batch_size, device)
+    batch_size, chunk_size = chunk_size_for(m.network, o["chunk_size"], batch_size, device)
     if is_dask(X):
         return _through_dask(
             X, tokens, m.network, fn, batch_size=batch_size, device=device, precision=precision, desc=desc
