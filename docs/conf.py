@@ -76,7 +76,11 @@ html_theme_options = {
 }
 
 nitpicky = True
-nitpick_ignore = [("py:class", "torch.nn.modules.module.Module")]
+nitpick_ignore = [
+    ("py:class", "torch.nn.modules.module.Module"),
+    # the protocol pp.bin types a model with, so that preprocessing imports no model; its docstring names ScBERT
+    ("py:class", "scbert_tl.pp._binning.ModelPanel"),
+]
 
 # Without network (SCBERT_DOCS_OFFLINE=1, as in CI) other projects' inventories cannot be fetched:
 # references into them are then left unlinked instead of failing the -W build.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._common import check_input, check_output_file, compute_options, input_options, stream_kwargs, stream_options
+from ._common import add_command, check_input, check_output_file, data_options, stream_kwargs, stream_options
 
 if TYPE_CHECKING:
     import argparse
@@ -14,16 +14,16 @@ if TYPE_CHECKING:
 def streamed_parser(
     sub: argparse._SubParsersAction,
     name: str,
+    summary: str,
+    description: str,
     *,
     cells: str,
     model: str,
     out: str,
     key_added: tuple[str, str],
-    **parser: str,
 ) -> argparse.ArgumentParser:
-    """The parser of a streamed command ``name`` (``parser``: its help and description) with the input, ``--model``, ``--out`` and ``--key-added`` (default, help)."""
-    p = sub.add_parser(name, **parser)
-    p.add_argument("input", type=Path, metavar="IN.h5ad", help=cells)
+    """The parser of a streamed command ``name`` (as :func:`~._common.add_command`) with ``--model``, ``--out`` and ``--key-added`` (default, help)."""
+    p = add_command(sub, name, summary, description, cells=cells)
     p.add_argument("--model", required=True, help=model)
     p.add_argument("--out", required=True, type=Path, metavar="OUT.h5ad", help=out)
     p.add_argument("--key-added", default=key_added[0], help=key_added[1])
@@ -33,8 +33,7 @@ def streamed_parser(
 def streamed_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the chunk, input and compute options of a streamed command; returns ``parser``."""
     stream_options(parser)
-    input_options(parser)
-    compute_options(parser)
+    data_options(parser)
     return parser
 
 

@@ -16,8 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = streamed_parser(
         sub,
         "annotate",
-        help="predict cell types of a .h5ad with a fine-tuned model",
-        description="Predict cell types (and optionally a cell embedding) and write the annotated .h5ad, streamed "
+        "predict cell types of a .h5ad with a fine-tuned model",
+        "Predict cell types (and optionally a cell embedding) and write the annotated .h5ad, streamed "
         "a chunk of cells at a time and resumable (see --chunk-size).",
         cells="cells to annotate",
         model="a fine-tuned model's folder (written by scbert finetune)",

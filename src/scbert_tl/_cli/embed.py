@@ -15,9 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = streamed_parser(
         sub,
         "embed",
-        help="embed the cells of a .h5ad with a model (for neighbours, UMAP, clustering)",
-        description="Write a cell embedding (obsm[KEY]) into a copy of the .h5ad, streamed and resumable as "
-        "scbert annotate.",
+        "embed the cells of a .h5ad with a model (for neighbours, UMAP, clustering)",
+        "Write a cell embedding (obsm[KEY]) into a copy of the .h5ad, streamed and resumable as scbert annotate.",
         cells="cells to embed",
         model="a trained model's folder (scbert finetune or pretrain)",
         out="embedded .h5ad to write",

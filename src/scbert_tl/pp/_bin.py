@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from anndata import AnnData
 
-    from .._scbert import ScBERT
+    from ._binning import ModelPanel
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _log_coverage(coverage: dict[str, Any], alignment: Any, key_added: str, n_ob
 def bin(
     adata: AnnData,
     *,
-    panel: str | Sequence[str] | ScBERT = "scbert-panglao",
+    panel: str | Sequence[str] | ModelPanel = "scbert-panglao",
     gene_key: str | None = None,
     layer: str | None = None,
     use_raw: bool = False,

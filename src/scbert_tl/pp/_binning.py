@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-    from .._scbert import ScBERT
     from ._kinds import InputKind
 
 logger = logging.getLogger(__name__)
@@ -32,7 +31,15 @@ MIN_PANEL_GENES = 100
 KIND_SAMPLE = 2000  # first cells read to tell raw counts from normalised values
 
 
-def _resolve_panel(panel: str | Sequence[str] | ScBERT) -> tuple[list[str], str, str]:
+class ModelPanel(Protocol):
+    """What preprocessing reads of a model (an :class:`~scbert_tl.ScBERT`): its genes, panel name and normalisation."""
+
+    genes: Sequence[str]
+    panel: str | None
+    normalization: str
+
+
+def _resolve_panel(panel: str | Sequence[str] | ModelPanel) -> tuple[list[str], str, str]:
     """Genes, name and default normalisation of a panel argument (a model: anything with genes, panel and normalization)."""
     from .. import datasets
 
@@ -200,7 +207,7 @@ def prepare_binning(
     where: str,
     ids: pd.Index,
     *,
-    panel: str | Sequence[str] | ScBERT,
+    panel: str | Sequence[str] | ModelPanel,
     n_bins: int,
     normalize: Literal["auto", "library", "panel"] = "auto",
     aliases: str | os.PathLike | pd.DataFrame | None = "hgnc",

@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from .._docs import doc_params
 from ..data import UNKNOWN
 from ..train._calibration import threshold_for_rate
-from ..train._predict import logits as _logits  # noqa: F401 (tl/_files.py imports it from here)
 from ._docs import FRAGMENTS
-from ._predict import Annotation, call_cells, options_of, probabilities_and_scores, require_classifier, start  # noqa: F401 (call_cells, probabilities_and_scores: tl/_files.py imports them from here)
+from ._predict import Annotation, options_of, require_classifier, start
 
 if TYPE_CHECKING:
     import os
@@ -23,7 +22,6 @@ logger = logging.getLogger(__name__)
 
 #: Share of known cells called "unknown" that ``unknown_threshold="auto"`` aims for.
 DEFAULT_FALSE_UNKNOWN_RATE = 0.05
-_require_classifier = require_classifier  # the name tl/_files.py imports from here (as the two below)
 
 
 def annotate_params(m: ScBERT, unknown_threshold: float | str, rule: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +52,7 @@ def log_calls(n_cells: int, n_unknown: int, rule: dict[str, Any]) -> None:
     )
 
 
-def _unknown_rule(m: ScBERT, unknown_threshold: float | str, false_unknown_rate: float | None) -> dict[str, Any]:
+def unknown_rule(m: ScBERT, unknown_threshold: float | str, false_unknown_rate: float | None) -> dict[str, Any]:
     """How a cell is called "unknown": its energy above a threshold, or its (calibrated) probability below one."""
     if isinstance(unknown_threshold, str):
         if unknown_threshold != "auto":
@@ -161,7 +159,7 @@ def annotate(
     arguments = dict(locals())
     adata, m = start(adata, model, copy=copy, batch_size=batch_size, device=device, precision=precision)
     require_classifier(m)
-    rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
+    rule = unknown_rule(m, unknown_threshold, false_unknown_rate)
     annotation = Annotation.predict(adata, m, **options_of(arguments))
     n_unknown = annotation.write(adata, key_added, rule, annotate_params(m, unknown_threshold, rule))
     log_calls(adata.n_obs, n_unknown, rule)

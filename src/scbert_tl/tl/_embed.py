@@ -8,9 +8,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .._docs import doc_params
-from ..train._predict import mean_encoding as _mean_encoding  # noqa: F401 (tl/_files.py imports it from here)
 from ._docs import FRAGMENTS
-from ._predict import options_of, output_fn, predict, start  # noqa: F401 (output_fn: tl/_files.py imports it from here)
+from ._predict import options_of, predict, start
 
 if TYPE_CHECKING:
     import os

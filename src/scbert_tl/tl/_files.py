@@ -17,10 +17,10 @@ import pandas as pd
 from .._scbert import ScBERT
 from ..data import UNKNOWN, create_obsm, update_uns, write_obs_column
 from ..train._calibration import NOVELTY_SCORE
-from ._annotate import _logits, _require_classifier, _unknown_rule, annotate_params, call_cells, log_calls
-from ._annotate import probabilities_and_scores as _probabilities
-from ._embed import _mean_encoding, output_fn
+from ..train._predict import logits, mean_encoding
+from ._annotate import annotate_params, log_calls, unknown_rule
 from ._job import FileJob, run_file_job
+from ._predict import call_cells, output_fn, probabilities_and_scores, require_classifier
 
 if TYPE_CHECKING:
     import os
@@ -54,11 +54,11 @@ def annotate_file(
     false_unknown_rate = options.pop("false_unknown_rate", None)
     key_added = options.pop("key_added", "scbert")
     m = _load(model)
-    _require_classifier(m)
-    rule = _unknown_rule(m, unknown_threshold, false_unknown_rate)
-    fns = {"logits": _logits}
+    require_classifier(m)
+    rule = unknown_rule(m, unknown_threshold, false_unknown_rate)
+    fns = {"logits": logits}
     if embed_key is not None:
-        fns["embedding"] = _mean_encoding
+        fns["embedding"] = mean_encoding
     classes = list(m.classes)
     counts: dict[str, pd.Series] = {}
 
@@ -70,7 +70,7 @@ def annotate_file(
         probs_out = create_obsm(f, f"{key_added}_probabilities", (n, k))
         emb_out = None
         for start, stop, outputs in job.results():
-            probs, scores = _probabilities(m, outputs["logits"])
+            probs, scores = probabilities_and_scores(m, outputs["logits"])
             best, conf, unknown = call_cells(probs, scores, rule)
             codes[start:stop] = np.where(unknown, k, best)
             confidence[start:stop] = conf
