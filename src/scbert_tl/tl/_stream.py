@@ -223,6 +223,10 @@ def _through_dask(
     import dask.array as da
 
     X = X.rechunk({1: -1})  # whole cells per block
+    if any(n % batch_size for n in X.chunks[0][:-1]):
+        # blocks of whole batches, as the chunks of the other streamed paths: every batch is then the one an
+        # in-memory run computes (a batch of another size may take other CPU kernels and change the last bit)
+        X = X.rechunk({0: max(1, round(X.chunks[0][0] / batch_size)) * batch_size})
     (first,) = run_batches(
         network, tokens(X[:1], 0), fn, batch_size=1, device=device, precision=precision, progress=False
     )

@@ -81,7 +81,8 @@ def auto_batch_size(
     memory less the fused attention's chunk memory. On CPU it is 2 GiB for training and
     :data:`CPU_INFERENCE_BYTES` for inference: larger CPU batches do not raise throughput (the compact
     model's inference CPU time per cell is the same from 32 to 256 cells) while memory grows with them,
-    and inference results do not depend on the batch. ``dtype`` is the autocast dtype
+    and a cell's result does not depend on its batch-mates (in the last bit it can depend on the batch's
+    size, through the CPU kernels chosen for it). ``dtype`` is the autocast dtype
     (``None``: the settings' choice for ``device``).
     """
     if settings.batch_size != "auto":
