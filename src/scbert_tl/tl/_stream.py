@@ -114,6 +114,11 @@ def run_options(given: dict[str, Any]) -> dict[str, Any]:
     return {k: given.get(k) for k in RUN_OPTIONS}
 
 
+def _whole_batches(cells: int, batch_size: int) -> int:
+    """``cells`` rounded up to whole batches."""
+    return -(-cells // batch_size) * batch_size
+
+
 def chunk_size_for(
     network: ScBERTNetwork, chunk_size: int | None, batch_size: int | None, device: Any
 ) -> tuple[int, int]:
@@ -123,7 +128,7 @@ def chunk_size_for(
     chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of cells, got {chunk_size!r}.")
-    return int(batch_size), int(-(-chunk_size // batch_size) * batch_size)
+    return int(batch_size), int(_whole_batches(chunk_size, batch_size))
 
 
 def run_chunks(
@@ -226,7 +231,7 @@ def _through_dask(
     if any(n % batch_size for n in X.chunks[0][:-1]):
         # blocks of whole batches, as the chunks of the other streamed paths: every batch is then the one an
         # in-memory run computes (a batch of another size may take other CPU kernels and change the last bit)
-        X = X.rechunk({0: max(1, round(X.chunks[0][0] / batch_size)) * batch_size})
+        X = X.rechunk({0: _whole_batches(X.chunks[0][0], batch_size)})
     (first,) = run_batches(
         network, tokens(X[:1], 0), fn, batch_size=1, device=device, precision=precision, progress=False
     )
