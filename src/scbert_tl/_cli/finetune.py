@@ -42,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="weights trained: all, original (the published scheme: head, final norm, second-to-last block) or "
         "head (default: all for a new model, original from trained weights)",
     )
+    p.add_argument(
+        "--downsample",
+        type=float,
+        metavar="COUNTS",
+        help="depth augmentation: training cells thinned to between COUNTS and their own depth, so that shallower "
+        "queries are read as the same types; 0 turns it off (default: 500 for a new model, 0 from trained weights)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the shuffling and new weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     data_options(p)
@@ -64,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         trainable=args.trainable,
+        downsample=args.downsample,
         rng=args.seed,
         gene_key=args.gene_key,
         layer=args.layer,

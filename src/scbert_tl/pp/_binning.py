@@ -99,11 +99,7 @@ def _tokens(
     v = np.where(target[lin.indices] >= 0, lin.data, 0.0)
     # per-cell totals; exact for the integer (or recovered integer) counts this mostly sees
     totals = _row_sums(lin, v)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        x = v / np.repeat(library_size if library else totals, np.diff(lin.indptr)) * TARGET_SUM
-    tok = np.log2(1.0 + x, out=x)
-    np.floor(tok, out=tok)
-    np.minimum(tok, n_bins, out=tok)
+    tok = _bin_values(v, library_size if library else totals, np.diff(lin.indptr), n_bins)
     nz = tok > 0  # NaN (cells with no panel counts) compares False
     indptr = np.concatenate(([0], np.cumsum(nz)))[lin.indptr]
     bins = sp.csr_matrix(
@@ -111,6 +107,29 @@ def _tokens(
         shape=(n_rows, n_cols),
     )
     return bins, totals
+
+
+def _bin_values(values: np.ndarray, totals: np.ndarray, per_row: np.ndarray, n_bins: int) -> np.ndarray:
+    """``min(floor(log2(1 + value / total * 1e4)), n_bins)`` of CSR data whose rows hold ``per_row`` entries."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = values / np.repeat(totals, per_row) * TARGET_SUM
+    tok = np.log2(1.0 + x, out=x)
+    np.floor(tok, out=tok)
+    return np.minimum(tok, n_bins, out=tok)
+
+
+def bin_counts(counts: sp.csr_matrix, library: np.ndarray | None, n_bins: int) -> sp.csr_matrix:
+    """Bins (CSR int8, the same columns) of counts, as :func:`scbert_tl.pp.bin` makes them.
+
+    Each cell is normalised to 1e4 by ``library`` (its total over all genes, ``"library"``
+    normalisation) or, when ``None``, by its total over these columns (``"panel"``).
+    """
+    per_row = np.diff(counts.indptr)
+    totals = library if library is not None else _row_sums(counts, counts.data)
+    tok = _bin_values(counts.data.astype(np.float64), totals, per_row, n_bins)
+    nz = tok > 0
+    indptr = np.concatenate(([0], np.cumsum(nz)))[counts.indptr]
+    return sp.csr_matrix((tok[nz].astype(np.int8), counts.indices[nz], indptr), shape=counts.shape)
 
 
 def _check_alignment(ids: pd.Index, genes: list[str], panel_name: str, alignment: Any) -> int:
@@ -191,6 +210,24 @@ class Binning:
             library=self.normalization == "library",
         )
         return BinnedChunk(bins, totals, np.diff(raw.indptr), float(lin.data.sum()))
+
+    def panel_counts(self, raw: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Cells' values in panel order (float64 CSR, genes on one panel position summed) and their totals over all genes.
+
+        For raw counts (or normalised values from which integer counts are recovered) these are
+        counts, which :func:`bin_counts` turns into the same bins as calling the binning.
+        """
+        raw = raw.copy()
+        raw.eliminate_zeros()
+        check_values(raw, self.where)
+        lin = linear(raw, self.kind, self.where)
+        keep = self.alignment.target[lin.indices] >= 0
+        counts = sp.csr_matrix(
+            (lin.data[keep], (row_ids(lin)[keep], self.alignment.target[lin.indices[keep]])),
+            shape=(lin.shape[0], len(self.genes)),
+        )
+        counts.sum_duplicates()
+        return counts, _row_sums(lin, lin.data)
 
 
 class BinnedChunk(NamedTuple):

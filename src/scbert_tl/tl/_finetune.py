@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -15,6 +16,7 @@ from ..train._calibration import calibrate
 from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
 from ._data import tokens_for
+from ._depth import depth_augmentation
 from ._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE, resolve_model
 
 if TYPE_CHECKING:
@@ -138,6 +140,7 @@ def finetune(
     trainable: Literal["all", "original", "head"] | None = None,
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
     mask_genes: float | None = None,
+    downsample: float | None = None,
     genes_measured_in: AnnData | Sequence[str] | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
@@ -207,6 +210,14 @@ def finetune(
         lose genes at random, a third lose the genes least often detected in the training cells
         (queries filtered to their most detected genes). Default: 1 for a new model; 0 (none: the
         published preprocessing, unmeasured genes fed as 0) when starting from trained weights.
+    downsample
+        Depth augmentation: in every training step about half of the cells are thinned (each count kept
+        with the same chance, a binomial draw) to a total drawn log-uniformly between ``downsample``
+        counts and their own depth, then binned as :func:`scbert_tl.pp.bin` does, so that the model
+        meets shallower measurements of its types (a droplet query annotated from a deep reference).
+        Needs counts (raw, or normalised values from which ``pp.bin`` recovers them); otherwise it is
+        skipped, with a log message. ``0`` turns it off. Default: 500 for a new model; 0 when starting
+        from trained weights.
     genes_measured_in
         The data the model is for, when it is known at training time: a query AnnData (its gene
         identifiers: ``var[gene_key]`` of its last :func:`scbert_tl.pp.bin`, else its var names; its
@@ -235,6 +246,8 @@ def finetune(
     ``adata.obs[split_key]`` (``"train"`` / ``"validation"``), and the bins of
     :func:`scbert_tl.pp.bin` when they were missing.
     """
+    passed = locals()  # the arguments, before anything else is bound
+    given = {f.name: passed[f.name] for f in fields(FinetuneOptions) if f.name in passed}  # all but warmup, seed
     labels, classes = _labels(adata, label_key)
     dev, dtype = check_compute(device, precision)  # before anything is written
     net_rng = np.random.default_rng(rng)
@@ -243,27 +256,21 @@ def finetune(
         torch.manual_seed(rng)
         params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
         m = resolve_model(model, adata, seed=rng, params=params, measured=_measured_ids(genes_measured_in))
-        options = _options(
-            m,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            accumulate=accumulate,
-            patience=patience,
-            class_weight=class_weight,
-            trainable=trainable,
-            select_on=select_on,
-            mask_genes=mask_genes,
-            seed=rng,
-        )
+        options = _options(m, seed=rng, **given)
         if options.mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
             m.unmeasured = "mask"
         tokens = tokens_for(adata, m, **params)
         if m.classes != classes:  # a new head, unless the model already classifies exactly these types
             m.network.add_classifier(len(classes))
             m.classes = classes
-        history = fit_classifier(m.network, tokens, labels, train_rows, val_rows, options, device=dev, dtype=dtype)
+        depth = (
+            depth_augmentation(adata, m, tokens, train_rows, min_depth=options.downsample, seed=rng, **params)
+            if options.downsample > 0
+            else None
+        )
+        history = fit_classifier(
+            m.network, tokens, labels, train_rows, val_rows, options, device=dev, dtype=dtype, depth=depth
+        )
     # calibrated probabilities and the "unknown" threshold come from the validation cells
     m.calibration = (
         calibrate(m.network, tokens, labels, val_rows, device=dev, precision=precision) if val_rows.size else None
@@ -284,7 +291,7 @@ def _options(m: ScBERT, **given: Any) -> FinetuneOptions:
     """The run's options: those given, the rest from the defaults for a new model or for trained weights."""
     new_model = m.provenance.get("source") in ("compact", "new")
     defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
-    for key in ("epochs", "patience", "lr", "mask_genes"):
+    for key in ("epochs", "patience", "lr", "mask_genes", "downsample"):
         if given[key] is None:
             given[key] = defaults[key]
     if given["trainable"] is None:

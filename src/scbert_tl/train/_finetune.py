@@ -22,6 +22,8 @@ from ._plan import TrainingPlan, parameter_groups, warmup_steps
 from ._runtime import cpu_runtime
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..data import TokenMatrix
     from ..model import ScBERTNetwork
 
@@ -45,6 +47,7 @@ class FinetuneOptions:
     trainable: Trainable = "all"
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
     mask_genes: float = 0.0
+    downsample: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class FinetuneOptions:
             raise ValueError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.mask_genes <= 1:
             raise ValueError(f"mask_genes must be a share of the genes in [0, 1], got {self.mask_genes}.")
+        if not self.downsample >= 0:
+            raise ValueError(f"downsample must be a number of counts >= 0 (0: off), got {self.downsample}.")
 
 
 def set_trainable(network: ScBERTNetwork, trainable: Trainable) -> int:
@@ -151,6 +156,7 @@ class _Epochs:
     augment: torch.Generator
     rank: np.ndarray | None
     labels: torch.Tensor
+    depth: Callable[[np.ndarray], np.ndarray] | None = None
 
 
 def _train_epoch(
@@ -171,9 +177,10 @@ def _train_epoch(
         e.plan.zero_grad()
         # drawn for the whole step, so that accumulation does not change which genes are hidden
         hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, e.augment, e.rank)
+        thinned = None if e.depth is None else e.depth(group)  # likewise the cells thinned, and how
         for start in range(0, len(group), o.batch_size):
             micro = group[start : start + o.batch_size]
-            x = torch.from_numpy(tokens.dense(micro))
+            x = torch.from_numpy(tokens.dense(micro) if thinned is None else thinned[start : start + len(micro)])
             if hidden is not None:
                 x = x.masked_fill(hidden[start : start + len(micro)], network.config.mask_token)
             x = x.to(device, non_blocking=True)
@@ -201,13 +208,16 @@ def fit_classifier(
     *,
     device: torch.device,
     dtype: torch.dtype,
+    depth: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``network``'s classifier on ``train_rows``; keep the weights of the best validation epoch.
 
     The model is selected, and training stopped early, on ``val_rows`` alone. Gradients of
     ``accumulate`` micro-batches are summed with each micro-batch's loss weighted by its share of the
     cells in the step, so the update equals that of one large batch. Randomness (shuffling, dropout,
-    new weights) comes from ``options.seed``: runs on the CPU are deterministic.
+    new weights) comes from ``options.seed``: runs on the CPU are deterministic. ``depth``, when
+    given, makes the dense tokens of training micro-batches instead of ``tokens`` (depth augmentation:
+    some cells thinned to a lower sequencing depth).
 
     Returns
     -------
@@ -226,6 +236,7 @@ def fit_classifier(
         torch.Generator().manual_seed(o.seed),
         detection_rank(tokens.csr[train_rows]) if o.mask_genes > 0 else None,
         torch.from_numpy(labels),
+        depth,
     )
     logger.info(
         "Fine-tuning %d trainable parameters (%s) on %d cells, selecting on %d validation cells, %s on %s",
