@@ -229,6 +229,31 @@ def test_gradient_accumulation_equals_one_big_batch(split, genes):
         torch.testing.assert_close(v, w, atol=2e-5, rtol=1e-4, msg=k)
 
 
+def test_epochs_that_tie_on_the_metric_are_told_apart_by_the_validation_loss(monkeypatch):
+    """A validation set every epoch gets right: the epoch with the lowest loss is kept, not the first."""
+    from scbert_tl.data import TokenMatrix
+    from scbert_tl.train import _finetune as ft
+
+    losses = iter([0.30, 0.10, 0.20])
+    monkeypatch.setattr(ft, "evaluate", lambda *a, **k: {"loss": next(losses), "accuracy": 1.0, "macro_f1": 1.0})
+    monkeypatch.setattr(ft, "_train_epoch", lambda *a, **k: 1.0)
+    model = ScBERT.new([f"G{i}" for i in range(20)], seed=0, **SMALL)
+    model.network.add_classifier(2)
+    tokens = TokenMatrix(np.ones((6, 20), dtype=np.int8), np.arange(20), 20)
+    options = ft.FinetuneOptions(epochs=3, patience=3)
+    history = ft.fit_classifier(
+        model.network,
+        tokens,
+        np.array([0, 1] * 3),
+        np.arange(4),
+        np.arange(4, 6),
+        options,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    assert [h["selected"] for h in history] == [False, True, False]
+
+
 def test_original_freezing_scheme_trains_only_head_norm_and_second_to_last_block(split, genes):
     ref, _ = split
     base = ScBERT.new(genes, seed=1, **{**SMALL, "depth": 3})

@@ -200,7 +200,9 @@ def finetune(
         the classifier head, the final norm and the second-to-last block) or ``"head"``. Default:
         ``"all"`` for a new model, ``"original"`` for the published weights.
     select_on
-        Validation metric that selects the epoch.
+        Validation metric that selects the epoch; epochs that tie on it (a validation set every epoch
+        gets right) are told apart by the validation loss. An epoch that improves neither does not
+        reset ``patience``.
     mask_genes
         Gene masking: each training cell hides a share of its genes, drawn uniformly from
         ``[0, mask_genes]``, behind the ``[MASK]`` token, so that the model learns to read genes a

@@ -212,7 +212,8 @@ def fit_classifier(
 ) -> list[dict[str, float]]:
     """Train ``network``'s classifier on ``train_rows``; keep the weights of the best validation epoch.
 
-    The model is selected, and training stopped early, on ``val_rows`` alone. Gradients of
+    The model is selected, and training stopped early, on ``val_rows`` alone (``select_on``, ties
+    broken by the validation loss). Gradients of
     ``accumulate`` micro-batches are summed with each micro-batch's loss weighted by its share of the
     cells in the step, so the update equals that of one large batch. Randomness (shuffling, dropout,
     new weights) comes from ``options.seed``: runs on the CPU are deterministic. ``depth``, when
@@ -248,7 +249,7 @@ def fit_classifier(
         device,
     )
     history: list[dict[str, float]] = []
-    best_score, best_state, best_epoch, stale = -math.inf, None, 0, 0
+    best_score, best_state, best_epoch, stale = (-math.inf, -math.inf), None, 0, 0
     with cpu_runtime(device, desc="finetune"):
         bar = tqdm(total=o.epochs, desc="finetune", unit="epoch", disable=not settings.progress)
         for epoch in range(1, o.epochs + 1):
@@ -260,9 +261,10 @@ def fit_classifier(
                     network, tokens, labels, val_rows, batch_size=max(o.batch_size, 64), device=device, weight=weight
                 )
                 record.update({f"val_{k}": v for k, v in val.items()})
-                score = -val["loss"] if o.select_on == "loss" else val[o.select_on]
+                # ties (a validation set that every epoch gets right) go to the lower validation loss
+                score = (-val["loss"] if o.select_on == "loss" else val[o.select_on], -val["loss"])
             else:
-                score = float(epoch)  # nothing to select on: the last epoch
+                score = (float(epoch), 0.0)  # nothing to select on: the last epoch
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             if score > best_score:
