@@ -213,12 +213,11 @@ def fit_classifier(
     """Train ``network``'s classifier on ``train_rows``; keep the weights of the best validation epoch.
 
     The model is selected, and training stopped early, on ``val_rows`` alone (``select_on``, ties
-    broken by the validation loss). Gradients of
-    ``accumulate`` micro-batches are summed with each micro-batch's loss weighted by its share of the
-    cells in the step, so the update equals that of one large batch. Randomness (shuffling, dropout,
-    new weights) comes from ``options.seed``: runs on the CPU are deterministic. ``depth``, when
-    given, makes the dense tokens of training micro-batches instead of ``tokens`` (depth augmentation:
-    some cells thinned to a lower sequencing depth).
+    broken by the validation loss). Gradients of ``accumulate`` micro-batches are summed with each
+    micro-batch's loss weighted by its share of the cells in the step, so the update equals that of
+    one large batch. Randomness (shuffling, dropout, new weights) comes from ``options.seed``: runs
+    on the CPU are deterministic. ``depth``, when given, makes the dense tokens of each training
+    step's cells instead of ``tokens`` (depth augmentation: some cells thinned to a lower depth).
 
     Returns
     -------
