@@ -100,13 +100,7 @@ def _tokens(
     # per-cell totals; exact for the integer (or recovered integer) counts this mostly sees
     totals = _row_sums(lin, v)
     tok = _bin_values(v, library_size if library else totals, np.diff(lin.indptr), n_bins)
-    nz = tok > 0  # NaN (cells with no panel counts) compares False
-    indptr = np.concatenate(([0], np.cumsum(nz)))[lin.indptr]
-    bins = sp.csr_matrix(
-        (tok[nz].astype(np.int8), primary[lin.indices[nz]].astype(np.int32), indptr.astype(np.int64)),
-        shape=(n_rows, n_cols),
-    )
-    return bins, totals
+    return _nonzero_bins(tok, primary[lin.indices], lin.indptr, (n_rows, n_cols)), totals
 
 
 def _bin_values(values: np.ndarray, totals: np.ndarray, per_row: np.ndarray, n_bins: int) -> np.ndarray:
@@ -118,6 +112,16 @@ def _bin_values(values: np.ndarray, totals: np.ndarray, per_row: np.ndarray, n_b
     return np.minimum(tok, n_bins, out=tok)
 
 
+def _nonzero_bins(tok: np.ndarray, cols: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """CSR int8 bins of the CSR entries (``cols``, ``indptr``) whose bin is above 0.
+
+    NaN bins (cells with no counts to normalise by) compare False and are dropped with the zeros.
+    """
+    nz = tok > 0
+    kept = np.concatenate(([0], np.cumsum(nz)))[indptr]
+    return sp.csr_matrix((tok[nz].astype(np.int8), cols[nz].astype(np.int32), kept.astype(np.int64)), shape=shape)
+
+
 def bin_counts(counts: sp.csr_matrix, library: np.ndarray | None, n_bins: int) -> sp.csr_matrix:
     """Bins (CSR int8, the same columns) of counts, as :func:`scbert_tl.pp.bin` makes them.
 
@@ -127,9 +131,7 @@ def bin_counts(counts: sp.csr_matrix, library: np.ndarray | None, n_bins: int) -
     per_row = np.diff(counts.indptr)
     totals = library if library is not None else _row_sums(counts, counts.data)
     tok = _bin_values(counts.data.astype(np.float64), totals, per_row, n_bins)
-    nz = tok > 0
-    indptr = np.concatenate(([0], np.cumsum(nz)))[counts.indptr]
-    return sp.csr_matrix((tok[nz].astype(np.int8), counts.indices[nz], indptr), shape=counts.shape)
+    return _nonzero_bins(tok, counts.indices, counts.indptr, counts.shape)
 
 
 def _check_alignment(ids: pd.Index, genes: list[str], panel_name: str, alignment: Any) -> int:
