@@ -101,3 +101,19 @@ def test_finetune_records_downsample_and_skips_values_that_are_not_counts(rng, c
     assert "Depth augmentation is off" in caplog.text
     with pytest.raises(ValueError, match="downsample"):
         scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=-1)
+
+
+def test_only_the_training_cells_are_prepared(rng):
+    X = _counts(rng)
+    genes = [f"G{i}" for i in range(X.shape[1])]
+    adata = ad.AnnData(X, var=pd.DataFrame(index=genes))
+    model = ScBERT.new(genes[:120], seed=0, n_bins=9, **SMALL)
+    from scbert_tl.tl._data import tokens_for
+
+    tokens = tokens_for(adata, model)
+    train = np.arange(0, 60, 2)
+    aug = depth_augmentation(adata, model, tokens, train, min_depth=1e9, seed=0)
+    assert aug.counts.shape[0] == train.size
+    np.testing.assert_array_equal(aug(train[::-1]), tokens.dense(train[::-1]))
+    with pytest.raises(ValueError, match="not training cells"):
+        aug(np.array([1]))

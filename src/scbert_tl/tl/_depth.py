@@ -36,15 +36,17 @@ class DepthAugmentation:
     Parameters
     ----------
     counts
-        ``(cells, model genes)`` counts in panel order.
+        ``(training cells, model genes)`` counts in panel order.
     library
-        Each cell's total count over all its genes.
+        Each training cell's total count over all its genes.
     n_bins
         The model's expression bins.
     library_normalised
         Whether bins are normalised by the total over all genes (``"library"``) or over the panel genes.
     tokens
-        The cells' tokens (their unmeasured genes and fill token are used for the thinned cells too).
+        All cells' tokens (their unmeasured genes and fill token are used for the thinned cells too).
+    rows
+        The training cells: rows of ``tokens``, in the order of ``counts``.
     min_depth
         Fewest total counts a cell is thinned to.
     seed
@@ -59,9 +61,12 @@ class DepthAugmentation:
         *,
         library_normalised: bool,
         tokens: TokenMatrix,
+        rows: np.ndarray,
         min_depth: float,
         seed: int,
     ) -> None:
+        self.position = np.full(tokens.n_cells, -1, dtype=np.int64)  # a row of tokens -> its row of counts
+        self.position[rows] = np.arange(len(rows))
         self.counts = counts
         self.library = library
         self.panel_totals = np.asarray(counts.sum(axis=1)).ravel()
@@ -74,11 +79,14 @@ class DepthAugmentation:
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         """``(len(rows), n_genes)`` int8 tokens of the cells ``rows``, about half of them thinned."""
         x = self.tokens.dense(rows)
-        depth = self.library[rows]
+        local = self.position[rows]
+        if (local < 0).any():
+            raise ValueError("Depth augmentation was asked for cells it was not prepared for (not training cells).")
+        depth = self.library[local]
         chosen = (self.rng.random(len(rows)) < THINNED_SHARE) & (depth > self.min_depth)
         if not chosen.any():
             return x
-        picked = np.asarray(rows)[chosen]
+        picked = local[chosen]
         depth = depth[chosen]
         target = np.exp(self.rng.uniform(np.log(self.min_depth), np.log(depth)))
         p = target / depth
@@ -110,13 +118,13 @@ def depth_augmentation(
     """Depth augmentation of the cells ``rows`` of ``adata`` for ``model``; ``None`` (logged) when it cannot apply.
 
     It needs counts: raw counts, or normalised values from which :func:`scbert_tl.pp.bin` recovers
-    them. Cells whose values are not whole counts are left as they are (logged).
+    them. When any value of the training cells is not a whole count, nothing is thinned (logged).
     """
     X, where = matrix(adata, layer, bool(use_raw))
     binning = prepare_binning(
         X, where, gene_ids(adata, gene_key), panel=model, n_bins=model.n_bins, normalize=model.normalization
     )
-    counts, library = binning.panel_counts(in_memory(X))
+    counts, library = binning.panel_counts(in_memory(X[rows]))  # the training cells' only
     whole = counts.data == np.round(counts.data)
     if not whole.all():
         logger.info(
@@ -126,7 +134,7 @@ def depth_augmentation(
             100 * (1 - whole.mean()),
         )
         return None
-    deep = int((library[rows] > min_depth).sum())
+    deep = int((library > min_depth).sum())
     logger.info(
         "Depth augmentation: in each step about half of the training cells are thinned to between %g counts and their "
         "own depth (%d of %d cells are deeper than %g; median depth %g)",
@@ -134,7 +142,7 @@ def depth_augmentation(
         deep,
         rows.size,
         min_depth,
-        float(np.median(library[rows])) if rows.size else 0.0,
+        float(np.median(library)) if rows.size else 0.0,
     )
     return DepthAugmentation(
         counts,
@@ -142,6 +150,7 @@ def depth_augmentation(
         model.n_bins,
         library_normalised=model.normalization == "library",
         tokens=tokens,
+        rows=rows,
         min_depth=min_depth,
         seed=seed,
     )
