@@ -91,6 +91,7 @@ def test_finetune_records_downsample_and_skips_values_that_are_not_counts(rng, c
         out = scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=20)
     assert out.provenance["options"]["downsample"] == 20
     assert "Depth augmentation: in each step" in caplog.text
+    assert caplog.text.count("looks like raw counts") == 1  # said by the binning, not again by the augmentation
     caplog.clear()
     # log-normalised values of non-integer "counts" (e.g. after ambient RNA removal): nothing to thin
     corrected = X * rng.uniform(0.5, 1.5, size=X.shape)

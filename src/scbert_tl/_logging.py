@@ -64,10 +64,10 @@ def install() -> None:
 
 
 @contextlib.contextmanager
-def quieted(logger: logging.Logger) -> Iterator[None]:
-    """Hide ``logger``'s info lines (warnings and errors still pass) inside the ``with`` block."""
+def quieted(logger: logging.Logger, below: int = logging.WARNING) -> Iterator[None]:
+    """Hide ``logger``'s lines below ``below`` (by default its info lines; warnings and errors pass) inside the ``with`` block."""
     level = logger.level
-    logger.setLevel(logging.WARNING)
+    logger.setLevel(below)
     try:
         yield
     finally:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import scipy.sparse as sp
 
+from .._logging import quieted
 from ..data import gene_ids, in_memory, matrix
 from ..pp._binning import bin_counts, prepare_binning
 
@@ -121,9 +122,11 @@ def depth_augmentation(
     them. When any value of the training cells is not a whole count, nothing is thinned (logged).
     """
     X, where = matrix(adata, layer, bool(use_raw))
-    binning = prepare_binning(
-        X, where, gene_ids(adata, gene_key), panel=model, n_bins=model.n_bins, normalize=model.normalization
-    )
+    # the same preparation as the bins' (pp.bin said what it found about the input; not again here)
+    with quieted(logging.getLogger("scbert_tl.pp"), below=logging.ERROR):
+        binning = prepare_binning(
+            X, where, gene_ids(adata, gene_key), panel=model, n_bins=model.n_bins, normalize=model.normalization
+        )
     counts, library = binning.panel_counts(in_memory(X[rows]))  # the training cells' only
     whole = counts.data == np.round(counts.data)
     if not whole.all():
