@@ -72,10 +72,12 @@ def test_help_states_the_finetuning_defaults():
     from scbert_tl.tl._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE
 
     parsers = _subparsers(_cli.build_parser())
-    for command, keys in (("finetune", ("epochs", "lr")), ("benchmark", ("epochs", "lr", "patience"))):
+    finetune = ("epochs", "lr", "downsample", "gene_bias")
+    for command, keys in (("finetune", finetune), ("benchmark", ("epochs", "lr", "patience"))):
         helps = {a.dest: a.help for a in parsers[command]._actions}
         for key in keys:
-            expected = f"{NEW_MODEL_FINETUNE[key]} for a new model, {TRAINED_FINETUNE[key]} from trained weights"
+            new, trained = NEW_MODEL_FINETUNE[key], TRAINED_FINETUNE[key]
+            expected = f"{new:g} for a new model, {trained:g} from trained weights"
             assert expected in helps[key], (command, key, helps[key])
 
 

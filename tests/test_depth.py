@@ -42,7 +42,7 @@ def test_bin_counts_of_panel_counts_equal_the_binning(rng, normalize):
     assert expected.max() == 9 and got.dtype == np.int8
 
 
-def _augmentation(rng, min_depth, seed=0, n_cells=60):
+def _augmentation(rng, min_depth, seed=0, n_cells=60, gene_bias=0.0):
     X = _counts(rng, n_cells)
     genes = [f"G{i}" for i in range(X.shape[1])]
     adata = ad.AnnData(X, var=pd.DataFrame(index=genes))
@@ -52,7 +52,8 @@ def _augmentation(rng, min_depth, seed=0, n_cells=60):
 
     tokens = tokens_for(adata, model)
     rows = np.arange(n_cells)
-    return depth_augmentation(adata, model, tokens, rows, min_depth=min_depth, seed=seed), tokens, rows
+    aug = depth_augmentation(adata, model, tokens, rows, min_depth=min_depth, gene_bias=gene_bias, seed=seed)
+    return aug, tokens, rows
 
 
 def test_thinning_drops_counts_keeps_the_unmeasured_fill_and_is_seeded(rng):
@@ -69,6 +70,44 @@ def test_thinning_drops_counts_keeps_the_unmeasured_fill_and_is_seeded(rng):
     again, _, _ = _augmentation(np.random.default_rng(0), min_depth=50)
     first, _, _ = _augmentation(np.random.default_rng(0), min_depth=50)
     np.testing.assert_array_equal(again(rows), first(rows))
+
+
+class _FixedFactors:
+    """The augmentation's generator, but with the log capture factors of the step fixed."""
+
+    def __init__(self, rng, log_factors):
+        self.rng, self.log_factors, self.calls = rng, log_factors, 0
+
+    def normal(self, loc, scale, size):
+        self.calls += 1
+        assert size == self.log_factors.size  # one factor per model gene, for all the step's cells
+        return self.log_factors
+
+    def __getattr__(self, name):
+        return getattr(self.rng, name)
+
+
+def test_gene_bias_applies_one_capture_factor_per_gene_to_the_step(rng):
+    aug, tokens, rows = _augmentation(rng, min_depth=50, gene_bias=0.5)
+    original = tokens.dense(rows)
+    log_factors = np.zeros(tokens.n_genes)
+    log_factors[:120:2] = -60.0  # every other measured gene: not captured at all by this "protocol"
+    aug.rng = _FixedFactors(aug.rng, log_factors)
+    x = aug(rows)
+    assert aug.rng.calls == 1
+    changed = (x != original).any(axis=1)
+    assert changed.sum() > 10
+    assert (x[changed][:, :120:2] == 0).all()  # gone in every thinned cell
+    assert (x[changed][:, 1:120:2] > 0).sum() > 0.5 * (original[changed][:, 1:120:2] > 0).sum()  # the others kept
+    np.testing.assert_array_equal(x[~changed], original[~changed])  # cells not thinned are untouched
+    assert not ((original == 0) & (x > 0)).any()  # nothing appears where nothing was measured
+    assert (x[:, -1] == tokens.unmeasured_token).all()
+    # seeded, and another draw than without gene bias
+    first, _, _ = _augmentation(np.random.default_rng(1), min_depth=50, gene_bias=0.5)
+    again, _, _ = _augmentation(np.random.default_rng(1), min_depth=50, gene_bias=0.5)
+    plain, _, _ = _augmentation(np.random.default_rng(1), min_depth=50)
+    np.testing.assert_array_equal(first(rows), again(rows))
+    assert (first(rows) != plain(rows)).any()
 
 
 def test_cells_at_or_below_the_lowest_depth_are_left_alone(rng):
@@ -90,6 +129,7 @@ def test_finetune_records_downsample_and_skips_values_that_are_not_counts(rng, c
     with caplog.at_level(logging.INFO, logger="scbert_tl"):
         out = scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=20)
     assert out.provenance["options"]["downsample"] == 20
+    assert out.provenance["options"]["gene_bias"] == 0.5  # a new model's default
     assert "Depth augmentation: in each step" in caplog.text
     assert caplog.text.count("looks like raw counts") == 1  # said by the binning, not again by the augmentation
     caplog.clear()
@@ -102,6 +142,22 @@ def test_finetune_records_downsample_and_skips_values_that_are_not_counts(rng, c
     assert "Depth augmentation is off" in caplog.text
     with pytest.raises(ValueError, match="downsample"):
         scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=-1)
+    with pytest.raises(ValueError, match="gene_bias"):
+        scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=20, gene_bias=-0.5)
+    with pytest.raises(ValueError, match="pass downsample > 0"):
+        scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=0, gene_bias=0.5)
+
+
+def test_new_model_defaults_gene_bias_with_depth_augmentation_and_drops_it_without(rng):
+    from scbert_tl.tl._finetune import _options
+
+    model = ScBERT.new([f"G{i}" for i in range(50)], seed=0, n_bins=9, **SMALL)
+    model.provenance["source"] = "compact"
+    names = ("epochs", "patience", "lr", "mask_genes", "downsample", "gene_bias", "trainable")
+    given = dict.fromkeys(names)
+    assert _options(model, **given).gene_bias == 0.5
+    assert _options(model, **{**given, "downsample": 0}).gene_bias == 0.0  # off with depth augmentation
+    assert _options(model, **{**given, "gene_bias": 1.0}).gene_bias == 1.0
 
 
 def test_only_the_training_cells_are_prepared(rng):

@@ -49,6 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="depth augmentation: training cells thinned to between COUNTS and their own depth, so that shallower "
         "queries are read as the same types; 0 turns it off (default: 500 for a new model, 0 from trained weights)",
     )
+    p.add_argument(
+        "--gene-bias",
+        type=float,
+        metavar="SD",
+        help="with depth augmentation, the thinned cells of each step also get one capture factor per gene, "
+        "exp(N(0, SD^2)), as another protocol would measure them; 0 turns it off (default: 0.5 for a new model, "
+        "0 from trained weights or with --downsample 0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the shuffling and new weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     data_options(p)
@@ -72,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         trainable=args.trainable,
         downsample=args.downsample,
+        gene_bias=args.gene_bias,
         rng=args.seed,
         gene_key=args.gene_key,
         layer=args.layer,

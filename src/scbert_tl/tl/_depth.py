@@ -6,6 +6,11 @@ detected at all and the detected ones fall into coarser bins. A model that met o
 cells reads the shallow ones as another cell type. Thinning a training cell's counts (each count
 kept with probability ``p``, a binomial draw) gives the cell as a shallower run would have measured
 it, so the model meets every depth in training.
+
+Another technology also measures each gene with its own efficiency (gene length with full-length
+protocols, capture, sequence): with ``gene_bias`` the thinned cells of a step are drawn with one
+capture factor per gene for the whole step, ``exp(N(0, gene_bias**2))``, as if that step's cells came
+from another protocol (a Poisson draw of ``count * p * factor`` instead of the binomial one).
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ class DepthAugmentation:
         The training cells: rows of ``tokens``, in the order of ``counts``.
     min_depth
         Fewest total counts a cell is thinned to.
+    gene_bias
+        Standard deviation of the log of the per-gene capture factors drawn for each step's thinned
+        cells; ``0``: none (each count kept with the same chance).
     seed
         Seed of the draws (which cells, what depth, which counts).
     """
@@ -64,6 +72,7 @@ class DepthAugmentation:
         tokens: TokenMatrix,
         rows: np.ndarray,
         min_depth: float,
+        gene_bias: float = 0.0,
         seed: int,
     ) -> None:
         self.position = np.full(tokens.n_cells, -1, dtype=np.int64)  # a row of tokens -> its row of counts
@@ -75,6 +84,7 @@ class DepthAugmentation:
         self.library_normalised = library_normalised
         self.tokens = tokens
         self.min_depth = float(min_depth)
+        self.gene_bias = float(gene_bias)
         self.rng = np.random.default_rng([seed, 0xDE97])
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
@@ -92,7 +102,12 @@ class DepthAugmentation:
         target = np.exp(self.rng.uniform(np.log(self.min_depth), np.log(depth)))
         p = target / depth
         sub = self.counts[picked]
-        kept = self.rng.binomial(sub.data.astype(np.int64), np.repeat(p, np.diff(sub.indptr)))
+        p_counts = np.repeat(p, np.diff(sub.indptr))
+        if self.gene_bias > 0:  # one capture factor per gene for the step: another protocol's view of the cells
+            factor = np.exp(self.rng.normal(0.0, self.gene_bias, sub.shape[1]))
+            kept = self.rng.poisson(sub.data * p_counts * factor[sub.indices])
+        else:
+            kept = self.rng.binomial(sub.data.astype(np.int64), p_counts)
         thinned = sp.csr_matrix((kept.astype(np.float64), sub.indices, sub.indptr), shape=sub.shape)
         library = None
         if self.library_normalised:  # the cell's other genes are thinned alike
@@ -111,6 +126,7 @@ def depth_augmentation(
     rows: np.ndarray,
     *,
     min_depth: float,
+    gene_bias: float = 0.0,
     seed: int,
     gene_key: str | None = None,
     layer: str | None = None,
@@ -140,12 +156,13 @@ def depth_augmentation(
     deep = int((library > min_depth).sum())
     logger.info(
         "Depth augmentation: in each step about half of the training cells are thinned to between %g counts and their "
-        "own depth (%d of %d cells are deeper than %g; median depth %g)",
+        "own depth (%d of %d cells are deeper than %g; median depth %g)%s",
         min_depth,
         deep,
         rows.size,
         min_depth,
         float(np.median(library)) if rows.size else 0.0,
+        f", with per-gene capture factors of log standard deviation {gene_bias:g}" if gene_bias > 0 else "",
     )
     return DepthAugmentation(
         counts,
@@ -155,5 +172,6 @@ def depth_augmentation(
         tokens=tokens,
         rows=rows,
         min_depth=min_depth,
+        gene_bias=gene_bias,
         seed=seed,
     )

@@ -141,6 +141,7 @@ def finetune(
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
     mask_genes: float | None = None,
     downsample: float | None = None,
+    gene_bias: float | None = None,
     genes_measured_in: AnnData | Sequence[str] | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
@@ -220,6 +221,12 @@ def finetune(
         Needs counts (raw, or normalised values from which ``pp.bin`` recovers them); otherwise it is
         skipped, with a log message. ``0`` turns it off. Default: 500 for a new model; 0 when starting
         from trained weights.
+    gene_bias
+        With depth augmentation, the thinned cells of each step are also drawn as another protocol
+        would measure them: one capture factor per gene for the step, ``exp(N(0, gene_bias**2))``
+        (a Poisson draw of ``count * p * factor``), as full-length, droplet and other protocols
+        measure each gene with its own efficiency. ``0`` turns it off. Default: 0.5 for a new model
+        (0 with ``downsample=0``); 0 when starting from trained weights.
     genes_measured_in
         The data the model is for, when it is known at training time: a query AnnData (its gene
         identifiers: ``var[gene_key]`` of its last :func:`scbert_tl.pp.bin`, else its var names; its
@@ -266,7 +273,16 @@ def finetune(
             m.network.add_classifier(len(classes))
             m.classes = classes
         depth = (
-            depth_augmentation(adata, m, tokens, train_rows, min_depth=options.downsample, seed=rng, **params)
+            depth_augmentation(
+                adata,
+                m,
+                tokens,
+                train_rows,
+                min_depth=options.downsample,
+                gene_bias=options.gene_bias,
+                seed=rng,
+                **params,
+            )
             if options.downsample > 0
             else None
         )
@@ -293,7 +309,9 @@ def _options(m: ScBERT, **given: Any) -> FinetuneOptions:
     """The run's options: those given, the rest from the defaults for a new model or for trained weights."""
     new_model = m.provenance.get("source") in ("compact", "new")
     defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
-    for key in ("epochs", "patience", "lr", "mask_genes", "downsample"):
+    if given["gene_bias"] is None and given["downsample"] == 0:  # depth augmentation turned off: all of it
+        given["gene_bias"] = 0.0
+    for key in ("epochs", "patience", "lr", "mask_genes", "downsample", "gene_bias"):
         if given[key] is None:
             given[key] = defaults[key]
     if given["trainable"] is None:

@@ -48,6 +48,7 @@ class FinetuneOptions:
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
     mask_genes: float = 0.0
     downsample: float = 0.0
+    gene_bias: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +67,12 @@ class FinetuneOptions:
             raise ValueError(f"mask_genes must be a share of the genes in [0, 1], got {self.mask_genes}.")
         if not self.downsample >= 0:
             raise ValueError(f"downsample must be a number of counts >= 0 (0: off), got {self.downsample}.")
+        if not self.gene_bias >= 0:
+            raise ValueError(f"gene_bias must be a standard deviation >= 0 (0: off), got {self.gene_bias}.")
+        if self.gene_bias > 0 and self.downsample == 0:
+            raise ValueError(
+                "gene_bias acts on the cells that depth augmentation thins: pass downsample > 0 with it, or gene_bias=0."
+            )
 
 
 def set_trainable(network: ScBERTNetwork, trainable: Trainable) -> int:
