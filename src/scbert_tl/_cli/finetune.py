@@ -63,6 +63,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+#: the options passed to tl.finetune under their own names
+PASSED = (
+    "model",
+    "validation",
+    "epochs",
+    "batch_size",
+    "lr",
+    "trainable",
+    "downsample",
+    "gene_bias",
+    "gene_key",
+    "layer",
+    "use_raw",
+)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit status."""
     from .. import tl
@@ -70,22 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_model_target(args.out.expanduser(), overwrite=args.overwrite)  # before the work, not after it
     adata = read_h5ad(args.input)
-    model = tl.finetune(
-        adata,
-        args.label_key,
-        model=args.model,
-        validation=args.validation,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        trainable=args.trainable,
-        downsample=args.downsample,
-        gene_bias=args.gene_bias,
-        rng=args.seed,
-        gene_key=args.gene_key,
-        layer=args.layer,
-        use_raw=args.use_raw,
-    )
+    model = tl.finetune(adata, args.label_key, rng=args.seed, **{name: getattr(args, name) for name in PASSED})
     model.save(args.out, overwrite=args.overwrite)
     v = model.provenance["validation"]
     print(
