@@ -129,7 +129,7 @@ def test_finetune_records_downsample_and_skips_values_that_are_not_counts(rng, c
     with caplog.at_level(logging.INFO, logger="scbert_tl"):
         out = scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=20)
     assert out.provenance["options"]["downsample"] == 20
-    assert out.provenance["options"]["gene_bias"] == 0.5  # a new model's default
+    assert out.provenance["options"]["gene_bias"] == 0.0  # off unless asked
     assert "Depth augmentation: in each step" in caplog.text
     assert caplog.text.count("looks like raw counts") == 1  # said by the binning, not again by the augmentation
     caplog.clear()
@@ -148,29 +148,14 @@ def test_finetune_records_downsample_and_skips_values_that_are_not_counts(rng, c
         scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=0, gene_bias=0.5)
 
 
-def test_new_model_defaults_gene_bias_with_depth_augmentation_and_drops_it_without(rng):
-    from scbert_tl.tl._finetune import _options
-
-    model = ScBERT.new([f"G{i}" for i in range(50)], seed=0, n_bins=9, **SMALL)
-    model.provenance["source"] = "compact"
-    names = ("epochs", "patience", "lr", "mask_genes", "downsample", "gene_bias", "trainable")
-    given = dict.fromkeys(names)
-    assert _options(model, **given).gene_bias == 0.5
-    assert _options(model, **{**given, "downsample": 0}).gene_bias == 0.0  # off with depth augmentation
-    assert _options(model, **{**given, "gene_bias": 1.0}).gene_bias == 1.0
-
-
-def test_only_the_training_cells_are_prepared(rng):
-    X = _counts(rng)
+def test_finetune_records_gene_bias(rng):
+    X = _counts(rng, n_cells=40).toarray()
     genes = [f"G{i}" for i in range(X.shape[1])]
-    adata = ad.AnnData(X, var=pd.DataFrame(index=genes))
-    model = ScBERT.new(genes[:120], seed=0, n_bins=9, **SMALL)
-    from scbert_tl.tl._data import tokens_for
-
-    tokens = tokens_for(adata, model)
-    train = np.arange(0, 60, 2)
-    aug = depth_augmentation(adata, model, tokens, train, min_depth=1e9, seed=0)
-    assert aug.counts.shape[0] == train.size
-    np.testing.assert_array_equal(aug(train[::-1]), tokens.dense(train[::-1]))
-    with pytest.raises(ValueError, match="not training cells"):
-        aug(np.array([1]))
+    adata = ad.AnnData(
+        sp.csr_matrix(X),
+        obs=pd.DataFrame({"cell_type": np.repeat(["a", "b"], 20)}, index=[f"c{i}" for i in range(40)]),
+        var=pd.DataFrame(index=genes),
+    )
+    model = ScBERT.new(genes[:100], seed=0, n_bins=9, **SMALL)
+    out = scbert.tl.finetune(adata, "cell_type", model=model, epochs=1, downsample=20, gene_bias=0.5)
+    assert out.provenance["options"]["gene_bias"] == 0.5

@@ -75,6 +75,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bench.add_argument(
         "--lr", type=float, help="peak learning rate (default: 0.001 for a new model, 0.0001 from trained weights)"
     )
+    bench.add_argument(
+        "--gene-bias",
+        type=float,
+        default=0.0,
+        metavar="SD",
+        help="per-gene capture factors in depth augmentation, as scbert finetune --gene-bias (default: 0, off)",
+    )
     bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")
     bench.add_argument("--seed", type=int, default=0, help="seed of the folds and of the training")
     bench.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty REPORT_DIR")
@@ -370,6 +377,8 @@ def run(args: argparse.Namespace) -> int:
     datasets = {stem: _load(p, args.label_key) for stem, p in zip(stems, args.inputs, strict=True)}
     out.mkdir(parents=True, exist_ok=True)
     finetune_kwargs = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr}
+    if args.gene_bias:
+        finetune_kwargs["gene_bias"] = args.gene_bias
     for key in ("gene_key", "layer", "use_raw"):
         if getattr(args, key, None) is not None:
             finetune_kwargs[key] = getattr(args, key)

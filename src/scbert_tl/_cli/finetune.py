@@ -53,9 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--gene-bias",
         type=float,
         metavar="SD",
+        default=0.0,
         help="with depth augmentation, the thinned cells of each step also get one capture factor per gene, "
-        "exp(N(0, SD^2)), as another protocol would measure them; 0 turns it off (default: 0.5 for a new model, "
-        "0 from trained weights or with --downsample 0)",
+        "exp(N(0, SD^2)), as another protocol would measure them; 0.5 for a reference and query of different "
+        "protocols (default: 0, off)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the shuffling and new weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")

@@ -141,7 +141,7 @@ def finetune(
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
     mask_genes: float | None = None,
     downsample: float | None = None,
-    gene_bias: float | None = None,
+    gene_bias: float = 0.0,
     genes_measured_in: AnnData | Sequence[str] | None = None,
     gene_key: str | None = None,
     layer: str | None = None,
@@ -225,8 +225,9 @@ def finetune(
         With depth augmentation, the thinned cells of each step are also drawn as another protocol
         would measure them: one capture factor per gene for the step, ``exp(N(0, gene_bias**2))``
         (a Poisson draw of ``count * p * factor``), as full-length, droplet and other protocols
-        measure each gene with its own efficiency. ``0`` turns it off. Default: 0.5 for a new model
-        (0 with ``downsample=0``); 0 when starting from trained weights.
+        measure each gene with its own efficiency. For a reference and a query of different protocols
+        (e.g. Smart-seq2 and droplets), ``0.5`` measured best; it also made a model less robust to a
+        query that lacks most of its genes, so it is off (``0``) by default. Needs ``downsample > 0``.
     genes_measured_in
         The data the model is for, when it is known at training time: a query AnnData (its gene
         identifiers: ``var[gene_key]`` of its last :func:`scbert_tl.pp.bin`, else its var names; its
@@ -309,9 +310,7 @@ def _options(m: ScBERT, **given: Any) -> FinetuneOptions:
     """The run's options: those given, the rest from the defaults for a new model or for trained weights."""
     new_model = m.provenance.get("source") in ("compact", "new")
     defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
-    if given["gene_bias"] is None and given["downsample"] == 0:  # depth augmentation turned off: all of it
-        given["gene_bias"] = 0.0
-    for key in ("epochs", "patience", "lr", "mask_genes", "downsample", "gene_bias"):
+    for key in ("epochs", "patience", "lr", "mask_genes", "downsample"):
         if given[key] is None:
             given[key] = defaults[key]
     if given["trainable"] is None:

@@ -36,11 +36,10 @@ COMPACT = {
 COMPACT_GENES = 2000
 #: Fine-tuning defaults of a new model (``tl.finetune``): few epochs (the cosine schedule ends with them), gene
 #: masking so that genes a query lacks can be read as unknown, and depth augmentation (cells thinned down to 500
-#: counts, with per-gene capture factors of log standard deviation 0.5) so that shallower queries than the
-#: reference, and other protocols, are read as the same types.
-NEW_MODEL_FINETUNE = {"epochs": 8, "patience": 3, "lr": 1e-3, "mask_genes": 1.0, "downsample": 500.0, "gene_bias": 0.5}
+#: counts) so that shallower queries than the reference are read as the same types.
+NEW_MODEL_FINETUNE = {"epochs": 8, "patience": 3, "lr": 1e-3, "mask_genes": 1.0, "downsample": 500.0}
 #: Fine-tuning defaults when starting from trained weights (the published preprocessing: no gene masking).
-TRAINED_FINETUNE = {"epochs": 20, "patience": 5, "lr": 1e-4, "mask_genes": 0.0, "downsample": 0.0, "gene_bias": 0.0}
+TRAINED_FINETUNE = {"epochs": 20, "patience": 5, "lr": 1e-4, "mask_genes": 0.0, "downsample": 0.0}
 
 
 def compact_genes(
