@@ -13,6 +13,7 @@ from scbert_tl import ScBERT
 from scbert_tl._cli import main
 from scbert_tl.data import panel_checksum
 from scbert_tl.train._augment import gene_mask
+from scbert_tl.train._finetune import epoch_rows
 
 SMALL = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "classifier_hidden": (256, 64), "classifier_dropout": 0.1}
 
@@ -192,6 +193,19 @@ def test_gene_mask_hides_genes_at_random_or_the_least_detected():
     assert 0.28 < suffix.float().mean() < 0.36  # a third lose exactly their least detected genes
     assert share.max() > 0.9 and gene_mask(3000, 100, 0.3, generator, rank).float().mean(1).max() < 0.4
     assert gene_mask(5, 100, 0.0, generator) is None
+
+
+def test_sampled_epochs_draw_every_class_equally_often():
+    labels = np.repeat([0, 1, 2], [500, 4, 96])
+    train = np.flatnonzero(np.arange(labels.size) % 10 != 0)  # a validation share is never drawn
+    rng = np.random.default_rng(0)
+    shuffled = epoch_rows(train, labels, "balanced", rng)
+    assert np.array_equal(np.sort(shuffled), train)
+    drawn = np.concatenate([epoch_rows(train, labels, "sampled", rng) for _ in range(20)])
+    assert drawn.size == 20 * train.size and np.isin(drawn, train).all()
+    share = np.bincount(labels[drawn]) / drawn.size
+    np.testing.assert_allclose(share, 1 / 3, atol=0.02)  # the 4 cells of class 1 (3 in training) as often as 500
+    assert np.unique(drawn[labels[drawn] == 1]).size == 3
 
 
 def test_embed_feeds_scanpy(finetuned, split):
@@ -376,7 +390,8 @@ def test_cli_finetune_annotate_round_trip(split, genes, tmp_path, capsys):
     ref.write_h5ad(tmp_path / "ref.h5ad")
     query.write_h5ad(tmp_path / "query.h5ad")
     argv = ["finetune", str(tmp_path / "ref.h5ad"), "--label-key", "cell_type", "--out", str(tmp_path / "m")]
-    assert main([*argv, "--model", str(tmp_path / "base"), "--epochs", "1", "-q"]) == 0
+    assert main([*argv, "--model", str(tmp_path / "base"), "--epochs", "1", "--class-weight", "sampled", "-q"]) == 0
+    assert ScBERT.load(tmp_path / "m").provenance["options"]["class_weight"] == "sampled"
     out = str(tmp_path / "out.h5ad")
     assert (
         main(["annotate", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "m"), "--out", out, "--embed", "-q"])

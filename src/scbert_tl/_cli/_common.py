@@ -144,6 +144,24 @@ def check_input(path: Path) -> None:
         )
 
 
+def _class_weight(text: str) -> str | None:
+    if text not in ("balanced", "sampled", "none"):
+        raise argparse.ArgumentTypeError(f"expected balanced, sampled or none, got {text!r}")
+    return None if text == "none" else text
+
+
+def class_weight_option(parser: argparse.ArgumentParser) -> None:
+    """``--class-weight`` of the commands that fine-tune: ``tl.finetune``'s ``class_weight`` (``none`` is None)."""
+    parser.add_argument(
+        "--class-weight",
+        type=_class_weight,
+        default="balanced",
+        metavar="{balanced,sampled,none}",
+        help="rare types: balanced (the loss weighted by inverse class frequency), sampled (every class drawn "
+        "equally often in each epoch: for types of a few cells) or none (default: balanced)",
+    )
+
+
 def threshold(text: str) -> float | str:
     if text.strip().lower() == "auto":
         return "auto"

@@ -57,8 +57,8 @@ class FinetuneOptions:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.trainable not in ("all", "original", "head"):
             raise ValueError(f"trainable must be 'all', 'original' or 'head', got {self.trainable!r}.")
-        if self.class_weight not in (None, "balanced"):
-            raise ValueError(f"class_weight must be None or 'balanced', got {self.class_weight!r}.")
+        if self.class_weight not in (None, "balanced", "sampled"):
+            raise ValueError(f"class_weight must be None, 'balanced' or 'sampled', got {self.class_weight!r}.")
         if self.select_on not in ("macro_f1", "accuracy", "loss"):
             raise ValueError(f"select_on must be 'macro_f1', 'accuracy' or 'loss', got {self.select_on!r}.")
         if self.lr <= 0:
@@ -127,12 +127,31 @@ def evaluate(
 def class_weights(
     labels: np.ndarray, train_rows: np.ndarray, n_classes: int, class_weight: str | None, device: torch.device
 ) -> torch.Tensor | None:
-    """Per-class loss weights: ``"balanced"`` (inverse frequency in the training cells, 0 for absent classes) or None."""
+    """Per-class loss weights: ``"balanced"`` (inverse frequency in the training cells, 0 for absent classes) or None.
+
+    ``"sampled"`` balances the classes by drawing the cells instead (:func:`epoch_rows`): no loss weights.
+    """
     if class_weight != "balanced":
         return None
     counts = np.bincount(labels[train_rows], minlength=n_classes)
     w = np.where(counts > 0, counts.sum() / (n_classes * np.maximum(counts, 1)), 0.0)
     return torch.tensor(w, dtype=torch.float32, device=device)
+
+
+def epoch_rows(
+    train_rows: np.ndarray, labels: np.ndarray, class_weight: str | None, rng: np.random.Generator
+) -> np.ndarray:
+    """The training cells of one epoch, in order: a permutation, or for ``"sampled"`` as many cells drawn anew.
+
+    ``"sampled"`` draws with replacement, every class equally likely: a rare type's few cells are seen,
+    differently augmented, as often as a large type's.
+    """
+    if class_weight != "sampled":
+        return rng.permutation(train_rows)
+    y = labels[train_rows]
+    counts = np.bincount(y)
+    p = 1.0 / (np.count_nonzero(counts) * counts[y])
+    return rng.choice(train_rows, size=train_rows.size, replace=True, p=p / p.sum())
 
 
 def _plan(
@@ -180,7 +199,8 @@ def _train_epoch(
     network.train()
     seen, loss_sum = 0, 0.0
     step_rows = o.batch_size * o.accumulate
-    for group in batch_indices(train_rows, step_rows, shuffle=True, rng=e.rng):
+    order = epoch_rows(train_rows, e.labels.numpy(), o.class_weight, e.rng)
+    for group in batch_indices(order, step_rows):
         e.plan.zero_grad()
         # drawn for the whole step, so that accumulation does not change which genes are hidden
         hidden = gene_mask(len(group), tokens.n_genes, o.mask_genes, e.augment, e.rank)
