@@ -165,11 +165,13 @@ def test_a_compact_model_can_take_its_genes_among_those_a_query_measures(split, 
     reduced = query[:, np.sort(np.argsort(-detected, kind="stable")[:5000])].copy()  # its most detected genes
     anywhere = compact_genes(ref)
     assert len(set(anywhere) - set(reduced.var_names)) > 100  # without the query, many genes it lacks
-    model = scbert.tl.finetune(
-        ref.copy(), "cell_type", model="compact", genes_measured_in=reduced, epochs=1, split_key=None
-    )
+    trained = ref.copy()
+    model = scbert.tl.finetune(trained, "cell_type", model="compact", genes_measured_in=reduced, epochs=1)
     assert set(model.genes) <= set(reduced.var_names) and len(model.genes) == 2000
-    assert model.genes == compact_genes(ref, measured=list(reduced.var_names))
+    # the training cells' types (not the validation cells') choose the marker genes
+    codes = trained.obs["cell_type"].map({c: i for i, c in enumerate(model.classes)}).to_numpy(dtype=np.int64)
+    codes[(trained.obs["scbert_split"] == "validation").to_numpy()] = -1
+    assert model.genes == compact_genes(ref, measured=list(reduced.var_names), labels=codes)
     assert model.provenance["genes_measured_in"] == reduced.n_vars
     with caplog.at_level("WARNING"):
         out = scbert.tl.annotate(reduced, model, copy=True)
@@ -180,6 +182,34 @@ def test_a_compact_model_can_take_its_genes_among_those_a_query_measures(split, 
         scbert.tl.finetune(ref.copy(), "cell_type", model="compact", genes_measured_in="CD3E", epochs=1)
     with pytest.raises(ValueError, match="share no gene of the scBERT panel"):
         scbert.tl.finetune(ref.copy(), "cell_type", model="compact", genes_measured_in=["NOT_A_GENE"], epochs=1)
+
+
+def test_compact_genes_of_labelled_cells_hold_markers_the_most_variable_miss(pbmc):
+    from scbert_tl.tl._resolve import compact_genes
+
+    codes = pbmc.obs["cell_type"].cat.codes.to_numpy().astype(np.int64)
+    variable = compact_genes(pbmc, n_genes=1000)
+    labelled = compact_genes(pbmc, n_genes=1000, labels=codes)
+    assert len(labelled) == 1000
+    missed = {"CCR7", "MS4A1", "CD8A", "CD79B"} - set(variable)  # naive T, B and CD8 T markers
+    assert missed and missed <= set(labelled)
+
+
+def test_marker_genes_rank_each_type_against_the_rest_and_skip_left_out_cells():
+    import scipy.sparse as sp
+
+    from scbert_tl.tl._resolve import marker_genes
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2, -1], [200, 2, 100, 50])
+    X = rng.poisson(1.0, size=(labels.size, 40)).astype(np.float32)
+    X[labels == 1, 7] += 6  # two cells of a rare type mark gene 7
+    X[labels == 2, 3] += 4
+    X[labels == -1, 30] += 9  # cells left out: their gene is no marker
+    X = sp.csr_matrix(np.log1p(X))
+    assert {3, 7} <= set(marker_genes(X, labels, per_type=1, at_most=10).tolist())
+    assert 30 not in marker_genes(X, labels, per_type=5, at_most=40)
+    assert marker_genes(X, labels, per_type=50, at_most=6).size <= 6  # at most 2 of each of 3 types
 
 
 def test_gene_mask_hides_genes_at_random_or_the_least_detected():

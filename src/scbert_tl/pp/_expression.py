@@ -22,17 +22,22 @@ def expression(
     use_raw: bool = False,
     max_cells: int | None = None,
     rng: np.random.Generator | None = None,
+    cells: np.ndarray | None = None,
 ) -> sp.csr_matrix:
     """Values proportional to each cell's counts (log-normalised input undone), as float32 CSR.
 
     Used where scanpy's own preprocessing is wanted on the same input :func:`bin` reads (e.g. ranking
-    highly variable genes). At most ``max_cells`` cells, drawn by ``rng``, in their original order.
+    highly variable genes). At most ``max_cells`` cells, drawn by ``rng``, in their original order;
+    or the rows ``cells`` (sorted indices), when given.
     """
     X, where = matrix(adata, layer, use_raw)
-    cells = np.arange(adata.n_obs)
-    if max_cells is not None and adata.n_obs > max_cells:
+    if cells is not None:
+        cells = np.asarray(cells)
+    elif max_cells is not None and adata.n_obs > max_cells:
         rng = rng if rng is not None else np.random.default_rng(0)
         cells = np.sort(rng.choice(adata.n_obs, size=max_cells, replace=False))
+    else:
+        cells = np.arange(adata.n_obs)
     kind = detect_kind(rows(X, 0, min(adata.n_obs, 2000)), where)
     parts = []
     for start in range(0, cells.size, 5_000):

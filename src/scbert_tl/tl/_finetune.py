@@ -171,10 +171,10 @@ def finetune(
         Column of ``adata.obs`` with the cell types.
     model
         Where to start. ``"compact"`` (the default, as in ``scbert finetune``): a new CPU-sized model over
-        at most 2,000 highly variable panel genes of ``adata``, trained from scratch; it runs offline on a
-        laptop CPU (it needs only the gene panel, a small cached asset). ``"scbert-panglao"``: the
-        published pretrained weights in the full configuration: a download and a GPU workload, so
-        chosen explicitly. Or an :class:`~scbert_tl.ScBERT` (copied, not changed), or the path
+        at most 2,000 panel genes of ``adata`` (the 50 best markers of each type among the training cells,
+        then the most variable genes), trained from scratch; it runs offline on a laptop CPU (it needs
+        only the gene panel, a small cached asset). ``"scbert-panglao"``: the published pretrained
+        weights in the full configuration: a download and a GPU workload, so chosen explicitly. Or an :class:`~scbert_tl.ScBERT` (copied, not changed), or the path
         of a saved model.
     validation
         Fraction of cells held out (stratified by label), a boolean ``adata.obs`` column (True =
@@ -268,7 +268,11 @@ def finetune(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng)
         params = input_params(adata, gene_key=gene_key, layer=layer, use_raw=use_raw)
-        m = resolve_model(model, adata, seed=rng, params=params, measured=_measured_ids(genes_measured_in))
+        marker_labels = labels.copy()
+        marker_labels[val_rows] = -1  # a new compact model's marker genes come from the training cells alone
+        m = resolve_model(
+            model, adata, seed=rng, params=params, measured=_measured_ids(genes_measured_in), labels=marker_labels
+        )
         options = _options(m, seed=rng, **given)
         if options.mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
             m.unmeasured = "mask"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from .._scbert import PRETRAINED, ScBERT
 
@@ -34,6 +35,12 @@ COMPACT = {
     "classifier_dropout": 0.3,
 }
 COMPACT_GENES = 2000
+#: Marker genes of each type among a new compact model's genes when the types are known (fine-tuning): the
+#: most variable genes of a reference are those of its large populations, and miss markers such as CCR7 (naive
+#: T cells) or MS4A1 (B cells, when they are rare); at most half of the genes go to markers.
+COMPACT_MARKERS = 50
+#: Cells read (drawn at random, seeded) to rank a compact model's genes.
+MAX_RANKED_CELLS = 50_000
 #: Fine-tuning defaults of a new model (``tl.finetune``): few epochs (the cosine schedule ends with them), gene
 #: masking so that genes a query lacks can be read as unknown, and depth augmentation (cells thinned down to 500
 #: counts) so that shallower queries than the reference are read as the same types.
@@ -50,6 +57,7 @@ def compact_genes(
     seed: int = 0,
     params: dict[str, Any] | None = None,
     measured: Sequence[str] | None = None,
+    labels: np.ndarray | None = None,
 ) -> list[str]:
     """The genes of a compact model for ``adata``: at most ``n_genes`` highly variable ones, in panel order.
 
@@ -59,7 +67,10 @@ def compact_genes(
     When the panel cannot be had (offline, nothing cached) this is an error that says where to put it.
     ``params`` are the input choices of :func:`scbert_tl.pp.bin` (``gene_key``, ``layer``, ``use_raw``).
     ``measured``: gene identifiers of the data the model is for (a query); only panel genes among them
-    are candidates, so that the query measures every model gene.
+    are candidates, so that the query measures every model gene. ``labels`` (one integer code per cell
+    of ``adata``, negative for cells to leave out, e.g. validation cells): the :data:`COMPACT_MARKERS`
+    genes of each type with the highest Welch t statistic against the other cells come first, the most
+    variable genes fill the rest.
     """
     import anndata as ad
     import scanpy as sc
@@ -101,17 +112,69 @@ def compact_genes(
     if keep.size == 0:
         raise ValueError("None of adata's genes is in the scBERT panel; pass a model trained on your genes.")
     if keep.size > n_genes:
-        lin = expression(adata, max_cells=50_000, rng=np.random.default_rng(seed), **params)[:, keep]
-        tmp = ad.AnnData(lin)
+        cells = np.arange(adata.n_obs)
+        if adata.n_obs > MAX_RANKED_CELLS:
+            cells = np.sort(np.random.default_rng(seed).choice(adata.n_obs, size=MAX_RANKED_CELLS, replace=False))
+        tmp = ad.AnnData(expression(adata, cells=cells, **params)[:, keep])
         sc.pp.normalize_total(tmp, target_sum=1e4)
         sc.pp.log1p(tmp)
         hvg = sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=n_genes, inplace=False)
-        chosen = np.flatnonzero(hvg["highly_variable"].to_numpy())
+        if labels is None:
+            chosen = np.flatnonzero(hvg["highly_variable"].to_numpy())
+        else:
+            markers = marker_genes(tmp.X, np.asarray(labels)[cells], per_type=COMPACT_MARKERS, at_most=n_genes // 2)
+            by_dispersion = np.argsort(-hvg["dispersions_norm"].fillna(-np.inf).to_numpy(), kind="stable")
+            rest = by_dispersion[~np.isin(by_dispersion, markers)][: n_genes - markers.size]
+            chosen = np.concatenate([markers, rest])
+            logger.info(
+                "Compact model genes: %d markers of the %d types, the most variable after them",
+                markers.size,
+                len(np.unique(labels[labels >= 0])),
+            )
     else:
         chosen = np.arange(keep.size)
     chosen = chosen[np.argsort(order[chosen], kind="stable")]
     logger.info("Compact model over %d genes (of %d candidates), highly variable first", chosen.size, keep.size)
     return [names[i] for i in chosen]
+
+
+#: Cells' worth of the other cells' variance added to a type's own when ranking its marker genes.
+PRIOR_CELLS = 10
+
+
+def marker_genes(X: sp.spmatrix, labels: np.ndarray, *, per_type: int, at_most: int) -> np.ndarray:
+    """Columns of ``X`` (cells x genes, log expression) that mark each type of ``labels`` (negative: left out).
+
+    For each type, the genes with the highest Welch t statistic of the type's cells against all other
+    cells; ``per_type`` of each, fewer when there are so many types that they would take more than
+    ``at_most`` genes. A type's variance is shrunk towards the other cells' as if from ten more cells,
+    so that the few cells of a rare type do not rank first the genes they happen to share by chance.
+    Sorted column indices.
+    """
+    X = sp.csr_matrix(X)
+    used = labels >= 0
+    types = np.unique(labels[used])
+    k = max(1, min(per_type, at_most // max(len(types), 1)))
+    chosen: set[int] = set()
+    for t in types:
+        a, b = X[labels == t], X[used & (labels != t)]
+        if b.shape[0] == 0:
+            continue
+        stats = [_mean_var(part) for part in (a, b)]
+        (ma, va), (mb, vb) = stats
+        va = (a.shape[0] * va + PRIOR_CELLS * vb) / (a.shape[0] + PRIOR_CELLS)
+        score = (ma - mb) / np.sqrt(va / a.shape[0] + vb / b.shape[0] + 1e-6)
+        chosen.update(np.argsort(-score, kind="stable")[:k].tolist())
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def _mean_var(X: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and unbiased variance (0 for a single row) of a sparse matrix."""
+    n = X.shape[0]
+    mean = np.asarray(X.mean(0)).ravel()
+    sq = np.asarray(X.multiply(X).mean(0)).ravel()
+    var = np.maximum(sq - mean**2, 0.0) * (n / (n - 1) if n > 1 else 0.0)
+    return mean, var
 
 
 def resolve_model(
@@ -121,12 +184,14 @@ def resolve_model(
     seed: int = 0,
     params: dict[str, Any] | None = None,
     measured: Sequence[str] | None = None,
+    labels: np.ndarray | None = None,
 ) -> ScBERT:
     """Turn the ``model`` argument of a tool into an :class:`~scbert_tl.ScBERT` the tool may change.
 
     An :class:`~scbert_tl.ScBERT` is copied, so the caller's object is left as it was. ``measured``
-    (gene identifiers of a query) restricts a new compact model's genes to them (:func:`compact_genes`);
-    any other model has its genes already, and ``measured`` is an error there.
+    (gene identifiers of a query) restricts a new compact model's genes to them, and ``labels`` (the
+    training cells' type codes) puts each type's marker genes among them (:func:`compact_genes`); any
+    other model has its genes already, and ``measured`` is an error there.
     """
     if measured is not None and not (isinstance(model, str) and model == "compact"):
         raise ValueError(
@@ -134,7 +199,7 @@ def resolve_model(
             "Leave it out: genes a query lacks are fed as the model's `unmeasured` says."
         )
     if isinstance(model, str) and model == "compact":
-        m = new_compact(compact_genes(adata, seed=seed, params=params, measured=measured), seed)
+        m = new_compact(compact_genes(adata, seed=seed, params=params, measured=measured, labels=labels), seed)
         if measured is not None:
             m.provenance["genes_measured_in"] = len(set(map(str, measured)))
         return m
