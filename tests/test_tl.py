@@ -420,8 +420,8 @@ def test_cli_finetune_annotate_round_trip(split, genes, tmp_path, capsys):
     ref.write_h5ad(tmp_path / "ref.h5ad")
     query.write_h5ad(tmp_path / "query.h5ad")
     argv = ["finetune", str(tmp_path / "ref.h5ad"), "--label-key", "cell_type", "--out", str(tmp_path / "m")]
-    assert main([*argv, "--model", str(tmp_path / "base"), "--epochs", "1", "--class-weight", "sampled", "-q"]) == 0
-    assert ScBERT.load(tmp_path / "m").provenance["options"]["class_weight"] == "sampled"
+    assert main([*argv, "--model", str(tmp_path / "base"), "--epochs", "1", "--class-weight", "balanced", "-q"]) == 0
+    assert ScBERT.load(tmp_path / "m").provenance["options"]["class_weight"] == "balanced"
     out = str(tmp_path / "out.h5ad")
     assert (
         main(["annotate", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "m"), "--out", out, "--embed", "-q"])

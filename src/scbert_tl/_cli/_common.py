@@ -155,10 +155,10 @@ def class_weight_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--class-weight",
         type=_class_weight,
-        default="balanced",
-        metavar="{balanced,sampled,none}",
-        help="rare types: balanced (the loss weighted by inverse class frequency), sampled (every class drawn "
-        "equally often in each epoch: for types of a few cells) or none (default: balanced)",
+        default="sampled",
+        metavar="{sampled,balanced,none}",
+        help="rare types: sampled (every class drawn equally often in each epoch), balanced (the loss weighted by "
+        "inverse class frequency) or none (default: sampled)",
     )
 
 

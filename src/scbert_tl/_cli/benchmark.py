@@ -380,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     finetune_kwargs = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr}
     if args.gene_bias:
         finetune_kwargs["gene_bias"] = args.gene_bias
-    if args.class_weight != "balanced":
+    if args.class_weight != "sampled":
         finetune_kwargs["class_weight"] = args.class_weight
     for key in ("gene_key", "layer", "use_raw"):
         if getattr(args, key, None) is not None:

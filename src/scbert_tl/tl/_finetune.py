@@ -136,7 +136,7 @@ def finetune(
     weight_decay: float = 0.01,
     accumulate: int = 1,
     patience: int | None = None,
-    class_weight: Literal["balanced", "sampled"] | None = "balanced",
+    class_weight: Literal["balanced", "sampled"] | None = "sampled",
     trainable: Literal["all", "original", "head"] | None = None,
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1",
     mask_genes: float | None = None,
@@ -195,10 +195,11 @@ def finetune(
         Epochs without validation improvement before stopping. Default 3 for a new model, 5 when
         starting from trained weights.
     class_weight
-        How rare types are given their weight. ``"balanced"`` weights the loss by inverse class
-        frequency; ``"sampled"`` draws each epoch's cells with replacement, every class equally
-        likely, so that a rare type's few cells are seen (each time differently augmented) as often as
-        a large type's, with an unweighted loss; ``None`` does neither.
+        How rare types are given their weight. ``"sampled"`` (the default) draws each epoch's cells
+        with replacement, every class equally likely, so that a rare type's few cells are seen (each
+        time differently augmented) as often as a large type's, with an unweighted loss;
+        ``"balanced"`` weights the loss by inverse class frequency instead (the earlier default);
+        ``None`` does neither.
     trainable
         ``"all"`` (every weight but a fixed gene2vec embedding), ``"original"`` (the published scheme:
         the classifier head, the final norm and the second-to-last block) or ``"head"``. Default:

@@ -43,7 +43,7 @@ class FinetuneOptions:
     warmup: float = 0.05
     accumulate: int = 1
     patience: int = 5
-    class_weight: str | None = "balanced"
+    class_weight: str | None = "sampled"
     trainable: Trainable = "all"
     select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
     mask_genes: float = 0.0
