@@ -377,11 +377,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"The input files need different names (their stems name the report's sections): {stems}.")
     datasets = {stem: _load(p, args.label_key) for stem, p in zip(stems, args.inputs, strict=True)}
     out.mkdir(parents=True, exist_ok=True)
-    finetune_kwargs = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr}
+    finetune_kwargs = {
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "class_weight": args.class_weight,
+    }
     if args.gene_bias:
         finetune_kwargs["gene_bias"] = args.gene_bias
-    if args.class_weight != "sampled":
-        finetune_kwargs["class_weight"] = args.class_weight
     for key in ("gene_key", "layer", "use_raw"):
         if getattr(args, key, None) is not None:
             finetune_kwargs[key] = getattr(args, key)

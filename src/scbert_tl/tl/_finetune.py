@@ -174,8 +174,8 @@ def finetune(
         at most 2,000 panel genes of ``adata`` (the 50 best markers of each type among the training cells,
         then the most variable genes), trained from scratch; it runs offline on a laptop CPU (it needs
         only the gene panel, a small cached asset). ``"scbert-panglao"``: the published pretrained
-        weights in the full configuration: a download and a GPU workload, so chosen explicitly. Or an :class:`~scbert_tl.ScBERT` (copied, not changed), or the path
-        of a saved model.
+        weights in the full configuration: a download and a GPU workload, so chosen explicitly. Or an
+        :class:`~scbert_tl.ScBERT` (copied, not changed), or the path of a saved model.
     validation
         Fraction of cells held out (stratified by label), a boolean ``adata.obs`` column (True =
         validation), or a list of obs names.

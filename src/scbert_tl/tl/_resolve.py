@@ -59,7 +59,7 @@ def compact_genes(
     measured: Sequence[str] | None = None,
     labels: np.ndarray | None = None,
 ) -> list[str]:
-    """The genes of a compact model for ``adata``: at most ``n_genes`` highly variable ones, in panel order.
+    """The genes of a compact model for ``adata``: at most ``n_genes``, markers then highly variable ones, in panel order.
 
     Genes are those of ``adata`` that are in the scBERT panel (by symbol, case or nomenclature, as
     :func:`scbert_tl.pp.bin` aligns them; the panel's own symbols are used), ranked by
@@ -122,14 +122,15 @@ def compact_genes(
         if labels is None:
             chosen = np.flatnonzero(hvg["highly_variable"].to_numpy())
         else:
-            markers = marker_genes(tmp.X, np.asarray(labels)[cells], per_type=COMPACT_MARKERS, at_most=n_genes // 2)
+            ranked = np.asarray(labels)[cells]
+            markers = marker_genes(tmp.X, ranked, per_type=COMPACT_MARKERS, at_most=n_genes // 2)
             by_dispersion = np.argsort(-hvg["dispersions_norm"].fillna(-np.inf).to_numpy(), kind="stable")
             rest = by_dispersion[~np.isin(by_dispersion, markers)][: n_genes - markers.size]
             chosen = np.concatenate([markers, rest])
             logger.info(
                 "Compact model genes: %d markers of the %d types, the most variable after them",
                 markers.size,
-                len(np.unique(labels[labels >= 0])),
+                len(np.unique(ranked[ranked >= 0])),
             )
     else:
         chosen = np.arange(keep.size)
@@ -160,8 +161,7 @@ def marker_genes(X: sp.spmatrix, labels: np.ndarray, *, per_type: int, at_most: 
         a, b = X[labels == t], X[used & (labels != t)]
         if b.shape[0] == 0:
             continue
-        stats = [_mean_var(part) for part in (a, b)]
-        (ma, va), (mb, vb) = stats
+        (ma, va), (mb, vb) = _mean_var(a), _mean_var(b)
         va = (a.shape[0] * va + PRIOR_CELLS * vb) / (a.shape[0] + PRIOR_CELLS)
         score = (ma - mb) / np.sqrt(va / a.shape[0] + vb / b.shape[0] + 1e-6)
         chosen.update(np.argsort(-score, kind="stable")[:k].tolist())
