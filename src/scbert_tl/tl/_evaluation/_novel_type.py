@@ -36,12 +36,12 @@ def novel_type_detection(
     *,
     leave_out: str | Sequence[str] | None = None,
     thresholds: Sequence[float] = THRESHOLDS,
+    validation: float = 0.1,
     false_unknown_rate: float = DEFAULT_FALSE_UNKNOWN_RATE,
     model: str | os.PathLike | ScBERT = "compact",
     n_splits: int = 5,
     folds: Sequence[int] | None = (0,),
     baselines: Sequence[str] = ("l1_logistic",),
-    validation: float = 0.1,
     finetune_kwargs: dict[str, Any] | None = None,
     rng: int = 0,
     key_added: str = "scbert_novel",
@@ -76,13 +76,13 @@ def novel_type_detection(
         The type or types to leave out, each in its own run (default: every type in turn).
     thresholds
         Probability thresholds to sweep, each in [0, 1].
+    validation
+        Fraction of the known training cells set aside as validation cells (scBERT's model
+        selection and calibration; every method's threshold choice).
     false_unknown_rate
         Share of the validation cells the chosen thresholds call unknown.
     {doc_folds}
     {doc_baselines}
-    validation
-        Fraction of the known training cells set aside as validation cells (scBERT's model
-        selection and calibration; every method's threshold choice).
     {doc_finetune_kwargs}
     rng
         Seed of the folds, of the validation cells and of the training.
