@@ -54,6 +54,19 @@ def test_expected_calibration_error_by_hand():
     assert np.isnan(cal.expected_calibration_error(np.array([]), np.array([], dtype=bool)))
 
 
+def test_calibration_noise_is_what_a_calibrated_method_shows_on_few_cells():
+    assert cal.calibration_noise(np.ones(50)) == 0  # always right at confidence 1: no noise
+    half = cal.calibration_noise(np.full(100, 0.5))
+    # one bin of 100 cells right with probability 0.5: E|mean - 0.5| = 0.04 (normal approximation)
+    assert half == pytest.approx(np.sqrt(0.25 / 100) * np.sqrt(2 / np.pi), rel=0.15)
+    assert cal.calibration_noise(np.full(10_000, 0.5)) < half / 5  # shrinks with the cells
+    rng = np.random.default_rng(1)
+    confidence = rng.uniform(0.4, 1.0, 500)
+    right = rng.random(500) < confidence  # calibrated by construction
+    assert cal.expected_calibration_error(confidence, right) < 3 * cal.calibration_noise(confidence)
+    assert cal.expected_calibration_error(confidence, np.ones(500, bool)) > 3 * cal.calibration_noise(confidence)
+
+
 def test_threshold_for_a_rate_from_stored_quantiles():
     values = np.arange(1000, dtype=float)
     quantiles = np.quantile(values, cal.QUANTILE_LEVELS)

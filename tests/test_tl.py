@@ -284,18 +284,27 @@ def test_epochs_that_tie_on_the_metric_are_told_apart_by_the_validation_loss(mon
     model = ScBERT.new([f"G{i}" for i in range(20)], seed=0, **SMALL)
     model.network.add_classifier(2)
     tokens = TokenMatrix(np.ones((6, 20), dtype=np.int8), np.arange(20), 20)
-    options = ft.FinetuneOptions(epochs=3, patience=3)
-    history = ft.fit_classifier(
-        model.network,
-        tokens,
-        np.array([0, 1] * 3),
-        np.arange(4),
-        np.arange(4, 6),
-        options,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
+
+    def selected(options):
+        history = ft.fit_classifier(
+            model.network,
+            tokens,
+            np.array([0, 1] * 3),
+            np.arange(4),
+            np.arange(4, 6),
+            options,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+        )
+        return [h["selected"] for h in history]
+
+    assert selected(ft.FinetuneOptions(epochs=3, patience=3, select_on="macro_f1")) == [False, True, False]
+    # the default selects on the loss, whatever the macro F1 says
+    metrics = iter([(0.30, 1.0), (0.20, 0.5), (0.10, 0.4)])
+    monkeypatch.setattr(
+        ft, "evaluate", lambda *a, **k: dict(zip(("loss", "macro_f1"), next(metrics), strict=True), accuracy=0.5)
     )
-    assert [h["selected"] for h in history] == [False, True, False]
+    assert selected(ft.FinetuneOptions(epochs=3, patience=3)) == [False, False, True]
 
 
 def test_original_freezing_scheme_trains_only_head_norm_and_second_to_last_block(split, genes):
@@ -380,6 +389,9 @@ def test_cross_validation_folds_never_leak(pbmc, genes, monkeypatch):
     l1 = frame.query("method == 'l1_logistic'")["accuracy"]
     assert summary.loc["l1_logistic", "accuracy_mean"] == pytest.approx(l1.mean())
     assert summary.loc["l1_logistic", "accuracy_std"] == pytest.approx(l1.std())
+    calibration = adata.uns["scbert_cv"]["calibration"].set_index("method")
+    assert (calibration["n_cells"] == adata.n_obs).all()  # every test cell of the three folds, once
+    assert ((calibration["ece"] >= 0) & (calibration["ece"] <= 1) & (calibration["ece_noise"] > 0)).all()
     one = scbert.tl.cross_validate(
         adata,
         "cell_type",

@@ -228,6 +228,11 @@ def _cv(r: _Report, name: str, adata: AnnData) -> None:
         "Per fold (ece: expected calibration error of the test cells):",
         "",
         markdown(frame[["method", "fold", "n_train", "n_test", "accuracy", "macro_f1", "ece", "seconds"]], 3),
+        "",
+        "Calibration over all test cells of these folds (each predicted by the model of its fold; ece_noise: what "
+        "a perfectly calibrated method with the same confidences would show on as many cells):",
+        "",
+        markdown(adata.uns["bench_cv"]["calibration"], 3),
     ]
     save_figure(pl.cross_validation(adata, key="bench_cv", show=False), r.out / f"{name}.png")
 

@@ -75,16 +75,22 @@ def cross_validate(
 
     Returns
     -------
-    A tidy frame, one row per method, repeat and fold: ``accuracy``, ``macro_f1``, ``f1:<type>`` per
-    type, cell counts and seconds. Also written to ``adata.uns[key_added]`` with ``"results"`` (the
+    A tidy frame, one row per method, repeat and fold: ``accuracy``, ``macro_f1``, ``ece`` (expected
+    calibration error of the fold's test cells), ``f1:<type>`` per type, cell counts and seconds. Also written to ``adata.uns[key_added]`` with ``"results"`` (the
     frame), ``"summary"`` (mean and sd per method), ``"confusion"`` (summed over folds, per method),
-    ``"classes"``, ``"folds"`` (each cell's test fold per repeat) and ``"params"``.
+    ``"classes"``, ``"folds"`` (each cell's test fold per repeat), ``"calibration"`` and ``"params"``.
+    ``"calibration"`` has one row per method and repeat: the expected calibration error over all
+    test cells of the folds run (each predicted by the model of its fold), steadier than the
+    per-fold ``ece`` of a few hundred cells, and ``ece_noise``, the error a perfectly calibrated
+    method would show with the same confidences on as many cells (each cell right with probability
+    equal to its confidence): an ``ece`` near ``ece_noise`` cannot be told from perfect calibration.
     """
     data = comparison(adata, label_key, model, validation, rng, baselines, finetune_kwargs)
     classes = data.classes
     rows: list[dict[str, Any]] = []
     confusion = {m: np.zeros((len(classes), len(classes)), dtype=np.int64) for m in data.methods}
     assignment = np.full((n_repeats, adata.n_obs), -1, dtype=np.int64)
+    pooled: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
     for repeat, fold, train, test, fold_of in iter_folds(data.labels, n_splits, n_repeats, rng, folds):
         assignment[repeat] = fold_of
         logger.info(
@@ -103,6 +109,8 @@ def cross_validate(
                 n_test=int(test.size),
             )
             confusion[method] += _confusion(data.labels[test], pred.labels, classes)
+            right = np.asarray(pred.labels, dtype=str) == data.labels[test]
+            pooled.setdefault((method, repeat), []).append((np.asarray(pred.confidence, dtype=np.float64), right))
             rows.append(row)
             logger.info("  %s: accuracy %.3f, macro F1 %.3f", method, row["accuracy"], row["macro_f1"])
     frame = pd.DataFrame(rows)
@@ -115,8 +123,29 @@ def cross_validate(
         confusion=confusion,
         classes=classes,
         folds=assignment,
+        calibration=_pooled_calibration(pooled),
     )
     return frame
+
+
+def _pooled_calibration(pooled: dict[tuple[str, int], list[tuple[np.ndarray, np.ndarray]]]) -> pd.DataFrame:
+    """Expected calibration error over all test cells of the folds run, per method and repeat, beside its noise level."""
+    from ...train._calibration import calibration_noise, expected_calibration_error
+
+    rows = []
+    for (method, repeat), parts in pooled.items():
+        confidence = np.concatenate([c for c, _ in parts])
+        right = np.concatenate([r for _, r in parts])
+        rows.append(
+            {
+                "method": method,
+                "repeat": repeat,
+                "n_cells": int(confidence.size),
+                "ece": expected_calibration_error(confidence, right),
+                "ece_noise": calibration_noise(confidence),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _confusion(truth: np.ndarray, prediction: np.ndarray, classes: list[str]) -> np.ndarray:
