@@ -298,13 +298,15 @@ def test_epochs_that_tie_on_the_metric_are_told_apart_by_the_validation_loss(mon
         )
         return [h["selected"] for h in history]
 
-    assert selected(ft.FinetuneOptions(epochs=3, patience=3, select_on="macro_f1")) == [False, True, False]
-    # the default selects on the loss, whatever the macro F1 says
+    assert selected(ft.FinetuneOptions(epochs=3, patience=3)) == [False, True, False]
+    # select_on="loss" follows the loss, whatever the macro F1 says
     metrics = iter([(0.30, 1.0), (0.20, 0.5), (0.10, 0.4)])
     monkeypatch.setattr(
         ft, "evaluate", lambda *a, **k: dict(zip(("loss", "macro_f1"), next(metrics), strict=True), accuracy=0.5)
     )
-    assert selected(ft.FinetuneOptions(epochs=3, patience=3)) == [False, False, True]
+    assert selected(ft.FinetuneOptions(epochs=3, patience=3, select_on="loss")) == [False, False, True]
+    metrics = iter([(0.30, 1.0), (0.20, 0.5), (0.10, 0.4)])
+    assert selected(ft.FinetuneOptions(epochs=3, patience=3)) == [True, False, False]  # the default: macro F1
 
 
 def test_original_freezing_scheme_trains_only_head_norm_and_second_to_last_block(split, genes):

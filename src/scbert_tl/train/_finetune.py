@@ -45,7 +45,7 @@ class FinetuneOptions:
     patience: int = 5
     class_weight: str | None = "sampled"
     trainable: Trainable = "all"
-    select_on: Literal["macro_f1", "accuracy", "loss"] = "loss"
+    select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
     mask_genes: float = 0.0
     downsample: float = 0.0
     gene_bias: float = 0.0
