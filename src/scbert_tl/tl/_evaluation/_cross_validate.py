@@ -76,9 +76,10 @@ def cross_validate(
     Returns
     -------
     A tidy frame, one row per method, repeat and fold: ``accuracy``, ``macro_f1``, ``ece`` (expected
-    calibration error of the fold's test cells), ``f1:<type>`` per type, cell counts and seconds. Also written to ``adata.uns[key_added]`` with ``"results"`` (the
-    frame), ``"summary"`` (mean and sd per method), ``"confusion"`` (summed over folds, per method),
-    ``"classes"``, ``"folds"`` (each cell's test fold per repeat), ``"calibration"`` and ``"params"``.
+    calibration error of the fold's test cells), ``f1:<type>`` per type, cell counts and seconds. Also
+    written to ``adata.uns[key_added]`` with ``"results"`` (the frame), ``"summary"`` (mean and sd per
+    method), ``"confusion"`` (summed over folds, per method), ``"classes"``, ``"folds"`` (each cell's
+    test fold per repeat), ``"calibration"`` and ``"params"``.
     ``"calibration"`` has one row per method and repeat: the expected calibration error over all
     test cells of the folds run (each predicted by the model of its fold), steadier than the
     per-fold ``ece`` of a few hundred cells, and ``ece_noise``, the error a perfectly calibrated
