@@ -279,7 +279,11 @@ def test_epochs_that_tie_on_the_metric_are_told_apart_by_the_validation_loss(mon
     from scbert_tl.train import _finetune as ft
 
     losses = iter([0.30, 0.10, 0.20])
-    monkeypatch.setattr(ft, "evaluate", lambda *a, **k: {"loss": next(losses), "accuracy": 1.0, "macro_f1": 1.0})
+    monkeypatch.setattr(
+        ft,
+        "evaluate",
+        lambda *a, **k: {"loss": next(losses), "accuracy": 1.0, "macro_f1": 1.0, "balanced_probability": 1.0},
+    )
     monkeypatch.setattr(ft, "_train_epoch", lambda *a, **k: 1.0)
     model = ScBERT.new([f"G{i}" for i in range(20)], seed=0, **SMALL)
     model.network.add_classifier(2)
@@ -306,7 +310,21 @@ def test_epochs_that_tie_on_the_metric_are_told_apart_by_the_validation_loss(mon
     )
     assert selected(ft.FinetuneOptions(epochs=3, patience=3, select_on="loss")) == [False, False, True]
     metrics = iter([(0.30, 1.0), (0.20, 0.5), (0.10, 0.4)])
-    assert selected(ft.FinetuneOptions(epochs=3, patience=3)) == [True, False, False]  # the default: macro F1
+    assert selected(ft.FinetuneOptions(epochs=3, patience=3, select_on="macro_f1")) == [True, False, False]
+    # the default: the balanced probability, whatever macro F1 and the loss say
+    metrics = iter([(0.10, 1.0, 0.6), (0.30, 0.5, 0.8), (0.20, 0.9, 0.7)])
+    names = ("loss", "macro_f1", "balanced_probability")
+    monkeypatch.setattr(ft, "evaluate", lambda *a, **k: dict(zip(names, next(metrics), strict=True), accuracy=0.5))
+    assert selected(ft.FinetuneOptions(epochs=3, patience=3)) == [False, True, False]
+
+
+def test_balanced_probability_weighs_every_class_the_same():
+    from scbert_tl._metrics import balanced_probability
+
+    p = np.array([[0.9, 0.1], [0.7, 0.3], [0.5, 0.5], [0.2, 0.8]])
+    # class 0: (0.9 + 0.7 + 0.5) / 3 = 0.7; class 1: 0.8; mean 0.75 (the cell mean would be 0.725)
+    assert balanced_probability(np.array([0, 0, 0, 1]), p) == pytest.approx(0.75)
+    assert balanced_probability(np.array([1, 1, 1, 1]), p) == pytest.approx(0.425)  # absent classes do not count
 
 
 def test_original_freezing_scheme_trains_only_head_norm_and_second_to_last_block(split, genes):

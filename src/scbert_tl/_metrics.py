@@ -17,6 +17,17 @@ def macro_f1(truth: Sequence[Any], prediction: Sequence[Any], labels: Sequence[A
     return float(f1_score(truth, prediction, labels=labels, average="macro", zero_division=0))
 
 
+def balanced_probability(truth: np.ndarray, probabilities: np.ndarray) -> float:
+    """The probability given to the true class, averaged over each class's cells, then over the classes in ``truth``.
+
+    ``truth`` holds class indices (columns of ``probabilities``). A smooth, class-balanced accuracy:
+    every class counts the same, and every cell's probability counts.
+    """
+    truth = np.asarray(truth)
+    p_true = np.asarray(probabilities)[np.arange(truth.size), truth]
+    return float(np.mean([p_true[truth == c].mean() for c in np.unique(truth)]))
+
+
 def scores(truth: Sequence[str], prediction: Sequence[str], classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro F1, per-class F1 and the confusion matrix (scikit-learn's definitions).
 

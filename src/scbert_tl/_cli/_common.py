@@ -150,8 +150,8 @@ def _class_weight(text: str) -> str | None:
     return None if text == "none" else text
 
 
-def class_weight_option(parser: argparse.ArgumentParser) -> None:
-    """``--class-weight`` of the commands that fine-tune: ``tl.finetune``'s ``class_weight`` (``none`` is None)."""
+def training_options(parser: argparse.ArgumentParser) -> None:
+    """``--class-weight`` and ``--select-on`` of the commands that fine-tune, as in ``tl.finetune`` (``none`` is None)."""
     parser.add_argument(
         "--class-weight",
         type=_class_weight,
@@ -159,6 +159,13 @@ def class_weight_option(parser: argparse.ArgumentParser) -> None:
         metavar="{sampled,balanced,none}",
         help="rare types: sampled (every class drawn equally often in each epoch), balanced (the loss weighted by "
         "inverse class frequency) or none (default: sampled)",
+    )
+    parser.add_argument(
+        "--select-on",
+        choices=("balanced_probability", "macro_f1", "loss", "accuracy"),
+        default="balanced_probability",
+        help="validation metric that selects the epoch (default: balanced_probability, the probability of the "
+        "true type averaged over each type's cells, then over the types)",
     )
 
 

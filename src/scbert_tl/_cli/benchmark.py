@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import class_weight_option, data_options, read_h5ad
+from ._common import data_options, read_h5ad, training_options
 from ._report import json_default, machine, markdown, mean_sd, save_figure, versions
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="SD",
         help="per-gene capture factors in depth augmentation, as scbert finetune --gene-bias (default: 0, off)",
     )
-    class_weight_option(bench)
+    training_options(bench)
     bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")
     bench.add_argument("--seed", type=int, default=0, help="seed of the folds and of the training")
     bench.add_argument("--overwrite", action="store_true", help="write into an existing, non-empty REPORT_DIR")
@@ -388,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "class_weight": args.class_weight,
+        "select_on": args.select_on,
     }
     if args.gene_bias:
         finetune_kwargs["gene_bias"] = args.gene_bias

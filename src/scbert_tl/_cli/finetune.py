@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import DEFAULT_MODEL, MODEL_HELP, add_command, class_weight_option, data_options, read_h5ad
+from ._common import DEFAULT_MODEL, MODEL_HELP, add_command, data_options, read_h5ad, training_options
 
 if TYPE_CHECKING:
     import argparse
@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--lr", type=float, help="peak learning rate (default: 0.001 for a new model, 0.0001 from trained weights)"
     )
-    class_weight_option(p)
+    training_options(p)
     p.add_argument(
         "--trainable",
         choices=["all", "original", "head"],
@@ -73,6 +73,7 @@ PASSED = (
     "batch_size",
     "lr",
     "class_weight",
+    "select_on",
     "trainable",
     "downsample",
     "gene_bias",

@@ -39,7 +39,7 @@ def history(model: ScBERT, *, stage: str = "finetune", ax: Axes | None = None, s
             ax.plot(epochs, [r[key] for r in records], style, color="C0", label=key.replace("_", " "))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
-    metrics = [k for k in ("val_accuracy", "val_macro_f1") if k in records[0]]
+    metrics = [k for k in ("val_accuracy", "val_macro_f1", "val_balanced_probability") if k in records[0]]
     lines, labels = ax.get_legend_handles_labels()
     if metrics:
         right = ax.twinx()

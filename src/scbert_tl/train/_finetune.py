@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._metrics import macro_f1
+from .._metrics import balanced_probability, macro_f1
 from .._settings import settings
 from ._augment import detection_rank, gene_mask
 from ._inference import autocast, batch_indices, run_batches
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Trainable = Literal["all", "original", "head"]
+#: Validation metrics that can select the epoch (see :func:`scbert_tl.tl.finetune`).
+SELECT_ON = ("balanced_probability", "macro_f1", "loss", "accuracy")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class FinetuneOptions:
     patience: int = 5
     class_weight: str | None = "sampled"
     trainable: Trainable = "all"
-    select_on: Literal["macro_f1", "accuracy", "loss"] = "macro_f1"
+    select_on: Literal["balanced_probability", "macro_f1", "loss", "accuracy"] = "balanced_probability"
     mask_genes: float = 0.0
     downsample: float = 0.0
     gene_bias: float = 0.0
@@ -59,8 +61,8 @@ class FinetuneOptions:
             raise ValueError(f"trainable must be 'all', 'original' or 'head', got {self.trainable!r}.")
         if self.class_weight not in (None, "balanced", "sampled"):
             raise ValueError(f"class_weight must be None, 'balanced' or 'sampled', got {self.class_weight!r}.")
-        if self.select_on not in ("macro_f1", "accuracy", "loss"):
-            raise ValueError(f"select_on must be 'macro_f1', 'accuracy' or 'loss', got {self.select_on!r}.")
+        if self.select_on not in SELECT_ON:
+            raise ValueError(f"select_on must be one of {', '.join(map(repr, SELECT_ON))}; got {self.select_on!r}.")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}.")
         if not 0 <= self.mask_genes <= 1:
@@ -111,7 +113,7 @@ def evaluate(
     device: torch.device,
     weight: torch.Tensor | None,
 ) -> dict[str, float]:
-    """Loss, accuracy and macro F1 of the classifier on ``rows``."""
+    """Loss, accuracy, macro F1 and balanced probability (:func:`~scbert_tl._metrics.balanced_probability`) on ``rows``."""
     (logits,) = run_batches(network, tokens, _logits, rows=rows, batch_size=batch_size, device=device, desc="validate")
     y = labels[rows]
     logits_t = torch.from_numpy(logits)
@@ -121,6 +123,7 @@ def evaluate(
         "loss": float(loss),
         "accuracy": float((pred == y).mean()),
         "macro_f1": macro_f1(y, pred),
+        "balanced_probability": balanced_probability(y, torch.softmax(logits_t.double(), dim=1).numpy()),
     }
 
 
@@ -298,7 +301,7 @@ def fit_classifier(
                 best_state = copy.deepcopy({k: v.detach().clone() for k, v in network.state_dict().items()})
             else:
                 stale += 1
-            shown = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1")
+            shown = ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", f"val_{o.select_on}")
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in shown})
             bar.update(1)
             logger.debug("epoch %d: %s", epoch, record)
