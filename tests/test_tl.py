@@ -522,3 +522,20 @@ def test_bf16_agrees_with_float32_on_real_cells(finetuned, split, device):
     b = scbert.tl.embed(pbmc, finetuned, device=device, precision="bfloat16", copy=True).obsm["X_scbert"]
     cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cosine.min() >= 0.999, f"lowest per-cell cosine {cosine.min():.5f}"
+
+
+def test_demo_writes_its_outputs(panel_genes, tmp_path):
+    """`scbert demo` (one epoch): the annotated test cells with their embedding map, the figure, the model, the scores."""
+    import json
+
+    from scbert_tl._cli.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", epochs=1)
+    out = tmp_path / "demo"
+    query = ad.read_h5ad(out / "annotated.h5ad")
+    assert query.n_obs == result["test_cells"] == 142
+    assert query.obsm["X_tsne"].shape == (142, 2) and np.isfinite(query.obsm["X_tsne"]).all()
+    assert {"scbert", "scbert_confidence"} <= set(query.obs) and "X_scbert" in query.obsm
+    assert (out / "demo.png").stat().st_size > 10_000 and (out / "model" / "config.json").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert 0 < saved["scbert"]["macro_f1"] <= 1 and saved["l1_logistic_regression"]["accuracy"] > 0.7
