@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import anndata as ad
 import numpy as np
 import pytest
@@ -526,12 +528,10 @@ def test_bf16_agrees_with_float32_on_real_cells(finetuned, split, device):
 
 def test_demo_writes_its_outputs(panel_genes, tmp_path):
     """`scbert demo` (one epoch): the annotated test cells with their embedding map, the figure, the model, the scores."""
-    import json
-
     from scbert_tl._cli.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", epochs=1)
     out = tmp_path / "demo"
+    result = run_demo(out, epochs=1)
     query = ad.read_h5ad(out / "annotated.h5ad")
     assert query.n_obs == result["test_cells"] == 142
     assert query.obsm["X_tsne"].shape == (142, 2) and np.isfinite(query.obsm["X_tsne"]).all()
