@@ -98,6 +98,26 @@ def test_cpu_cell_groups_keep_one_cells_chunking(monkeypatch):
     assert rows == favor._chunk_rows(1, 3, 37, 211, cpu) < 211 and len(groups) == 5
 
 
+@pytest.mark.parametrize("mode", STABILIZERS)
+def test_kept_features_give_the_same_gradients(mode, monkeypatch):
+    """Training keeps small cells' features for the backward pass: bit for bit the gradients of recomputing them."""
+    projection = orthogonal_random_matrix(37, 16, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(3, 211, 3, 16, generator=torch.Generator().manual_seed(4))
+    calls = []
+    query_chunk = favor._query_chunk
+    monkeypatch.setattr(favor, "_query_chunk", lambda *a: calls.append(1) or query_chunk(*a))
+    grads = {}
+    for keep in (0, favor.KEEP_FEATURES_BYTES):
+        monkeypatch.setattr(favor, "KEEP_FEATURES_BYTES", keep)
+        calls.clear()
+        qkv, q, k, v = _qkv(requires_grad=True, ramp=True)
+        (favor_attention(q, k, v, projection, mode) * weights).sum().backward()
+        grads[keep], n_calls = qkv.grad, len(calls)
+        groups, _ = favor._cell_groups(3, 3, 37, 211, torch.device("cpu"))
+        assert n_calls == len(groups) * (1 if keep else 2)  # the backward pass recomputes only without keeping
+    assert torch.equal(grads[0], grads[favor.KEEP_FEATURES_BYTES])
+
+
 def test_fused_attention_gradcheck_double():
     """Exact gradient of the fused function, checked by finite differences (float64 inputs, float32 inside)."""
     projection = orthogonal_random_matrix(9, 4, generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,9 @@ Two implementations of the same function live here.
 
   Exponentials are taken as ``exp2`` with ``log2 e`` folded into the projection (on CPU about three
   times faster than ``exp``, and as accurate). Its backward pass recomputes the features chunk by chunk instead of storing them, so training keeps
-  ``O(positions x head width)`` per block rather than ``O(positions x features)``.
+  ``O(positions x head width)`` per block rather than ``O(positions x features)``; where a whole cell is one
+  chunk and the features of the batch are small (the compact configuration), the forward pass keeps them
+  instead and the backward pass reuses them (the same values, so the same gradients, in less time).
 
 On CPU in float32, the matrix products with a fixed right-hand side run through oneDNN (PyTorch's
 ``mkldnn`` operators with a pre-packed weight) when it is available and agrees with
@@ -54,6 +56,10 @@ ONEDNN_HEAD_PRODUCT_MIN_FLOPS = 1e8
 #: many FLOPs (no packing: the features are passed as a strided weight). About 1.7x MKL at the full
 #: configuration; no gain at the compact one's small products.
 ONEDNN_CONTRACTION_MIN_FLOPS = 1e7
+#: Training keeps a block's query and key features (and its head-major queries and keys) for the backward
+#: pass instead of recomputing them when every cell is one chunk and they take at most this many bytes
+#: (about 61 MB for a batch of 32 cells of the compact configuration; never at the full one).
+KEEP_FEATURES_BYTES = 256 << 20
 
 
 # oneDNN linear (CPU, float32) ------------------------------------------------------------------------------------
@@ -414,11 +420,12 @@ def _query_chunk(qc: torch.Tensor, proj: _Projector) -> torch.Tensor:
     return e.sub_(stab).exp2_()
 
 
-def _key_pass(k, v, proj: _Projector, mode: str, rows: int):
+def _key_pass(k, v, proj: _Projector, mode: str, rows: int, kept: dict | None = None):
     """Key context ``sum_j E_j [v_j, 1]`` of the cells of ``k``, and ``sum_j [v_j, 1]``.
 
     ``E_j = exp(w.k_j - |k_j|^2 s^2/2 - stab)`` with the stabiliser taken as a running maximum: the
-    partial sum is rescaled whenever a chunk raises it.
+    partial sum is rescaled whenever a chunk raises it. With ``kept`` (only when the cells are one chunk)
+    the head-major keys and their features are stored there for the backward pass.
     """
     b, n, h, d = k.shape
     m = proj.forward_matrix.shape[0]
@@ -442,14 +449,19 @@ def _key_pass(k, v, proj: _Projector, mode: str, rows: int):
             context.view(b, h, m, d + 1).mul_(torch.exp2(stab - new))
             stab = new
         e.sub_(diag.add_(stab)).exp2_()
+        if kept is not None:
+            kept["k"], kept["e_k"] = kc, e
         v1 = _with_ones(v, r0, r1, buf_v)
         _add_contractions(context, e.view(b * h, w, m), v1.view(b * h, w, d + 1), onednn)
         v_sum += v1.sum(dim=2, keepdim=True)
     return context.view(b, h, m, d + 1), stab, v_sum
 
 
-def _query_pass(q, proj: _Projector, context, out, rows: int, den=None) -> None:
-    """``out_i = (E_i + eps) [C, z]`` split as ``C-part / z-part``, written into ``out`` (and ``den``)."""
+def _query_pass(q, proj: _Projector, context, out, rows: int, den=None, kept: dict | None = None) -> None:
+    """``out_i = (E_i + eps) [C, z]`` split as ``C-part / z-part``, written into ``out`` (and ``den``).
+
+    With ``kept`` (only when the cells are one chunk) the head-major queries and their features are stored there.
+    """
     b, n, h, d = q.shape
     m = proj.forward_matrix.shape[0]
     buf = torch.empty(b * h * rows * d, device=q.device)
@@ -462,7 +474,10 @@ def _query_pass(q, proj: _Projector, context, out, rows: int, den=None) -> None:
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = r1 - r0
-        e = _query_chunk(_head_major(q, r0, r1, buf), proj)
+        qc = _head_major(q, r0, r1, buf)
+        e = _query_chunk(qc, proj)
+        if kept is not None:
+            kept["q"], kept["e_q"] = qc, e
         if onednn:
             for j, (e_j, w_j, b_j) in enumerate(zip(e.view(b * h, w, m), packed, q_bias[:, 0], strict=True)):
                 res = ops._linear_pointwise(e_j, w_j, b_j, "none", [], "")
@@ -476,16 +491,32 @@ def _query_pass(q, proj: _Projector, context, out, rows: int, den=None) -> None:
             den[:, :, r0:r1].copy_(res[..., d:])
 
 
-def _favor_forward(q, k, v, projection, key_stabilizer, *, keep_denominator=False):
-    """Fused FAVOR+ forward: ``out (cells, positions, heads, d)`` float32, and what the backward pass needs."""
+def _keeps_features(b: int, n: int, h: int, d: int, m: int, rows: int, rescaled: bool) -> bool:
+    """Whether the forward pass keeps the features for the backward pass (see :data:`KEEP_FEATURES_BYTES`).
+
+    Only where they equal what the backward pass would compute: every cell one chunk (no running
+    maximum) and no rescaling to a batch-wide stabiliser afterwards.
+    """
+    return rows >= n and not rescaled and 4 * b * h * n * 2 * (m + d) <= KEEP_FEATURES_BYTES
+
+
+def _favor_forward(q, k, v, projection, key_stabilizer, *, keep_denominator=False, keep_features=False):
+    """Fused FAVOR+ forward: ``out (cells, positions, heads, d)`` float32, and what the backward pass needs.
+
+    With ``keep_features`` (training) the last item is a list with, per group of cells, a dict of the
+    head-major queries and keys and their features when :func:`_keeps_features` allows it, else ``None``.
+    """
     b, n, h, d = q.shape
     dev = q.device
     proj = _Projector(projection, d)
-    groups, rows = _cell_groups(b, h, proj.forward_matrix.shape[0], n, dev)
+    m = proj.forward_matrix.shape[0]
+    groups, rows = _cell_groups(b, h, m, n, dev)
     # with several groups, a batch-wide stabiliser is taken per cell first, then the partial sums are
     # brought to the batch maximum
     mode = "cell" if key_stabilizer == "batch" and len(groups) > 1 else key_stabilizer
-    parts = [_key_pass(k[g], v[g], proj, mode, rows) for g in groups]
+    keep = keep_features and _keeps_features(b, n, h, d, m, rows, mode != key_stabilizer)
+    kept = [{} if keep else None for _ in groups]
+    parts = [_key_pass(k[g], v[g], proj, mode, rows, kept[i]) for i, g in enumerate(groups)]
     context = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     stab = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
     v_sum = torch.cat([p[2] for p in parts]) if len(parts) > 1 else parts[0][2]
@@ -496,32 +527,40 @@ def _favor_forward(q, k, v, projection, key_stabilizer, *, keep_denominator=Fals
     context.add_(v_sum, alpha=FEATURE_EPS)  # the keys' + eps
     out = torch.empty(b, n, h, d, device=dev)
     den = torch.empty(b, h, n, 1, device=dev) if keep_denominator else None
-    for g in groups:
-        _query_pass(q[g], proj, context[g], out[g], rows, None if den is None else den[g])
-    return out, context, stab, den
+    for i, g in enumerate(groups):
+        _query_pass(q[g], proj, context[g], out[g], rows, None if den is None else den[g], kept[i])
+    return out, context, stab, den, kept
 
 
-def _favor_backward(grad_out, q, k, v, projection, out, den, context, stab, grad_q, grad_k, grad_v):
+def _favor_backward(grad_out, q, k, v, projection, out, den, context, stab, grad_q, grad_k, grad_v, kept=None):
     """Gradients of the fused forward into ``grad_q``, ``grad_k``, ``grad_v`` (features recomputed chunk by chunk).
 
     With ``out = num / den``, ``num = Q' C`` and ``den = Q' z`` (``[C, z]`` the key context): the
     gradient of ``[num, den]`` is ``g1 = [g / den, -(g . out) / den]``; then ``dQ' = g1 [C, z]^T``,
     ``d[C, z] = Q'^T g1``, ``dK' = [v, 1] d[C, z]^T``, ``dv = K' dC``, and through
     ``phi = exp(w.x - |x|^2 s^2 / 2 - stab) + eps`` (stabilisers held constant):
-    ``dx = s (dE o E) W - rowsum(dE o E) s^2 x``.
+    ``dx = s (dE o E) W - rowsum(dE o E) s^2 x``. ``kept``: what the forward pass kept per group of cells.
     """
     b, n, h, d = q.shape
     proj = _Projector(projection, d)
     batch_stab = stab.shape[0] == 1 and b > 1
     groups, rows = _cell_groups(b, h, proj.forward_matrix.shape[0], n, q.device)
-    for g in groups:
+    for i, g in enumerate(groups):
         _backward_cells(
             grad_out[g], q[g], k[g], v[g], proj, out[g], den[g], context[g], stab if batch_stab else stab[g],
-            grad_q[g], grad_k[g], grad_v[g], rows,
+            grad_q[g], grad_k[g], grad_v[g], rows, kept[i] if kept else None,
         )  # fmt: skip
 
 
-def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, grad_k, grad_v, rows):
+def _chunk_features(kept: dict | None, name: str, x, r0: int, r1: int, buffer, features):
+    """Head-major positions ``r0:r1`` of ``x`` and their features: those the forward pass kept, else ``features(chunk)``."""
+    if kept:
+        return kept[name], kept["e_" + name]
+    chunk = _head_major(x, r0, r1, buffer)
+    return chunk, features(chunk)
+
+
+def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, grad_k, grad_v, rows, kept=None):
     b, n, h, d = q.shape
     m = proj.forward_matrix.shape[0]
     dev = q.device
@@ -536,8 +575,7 @@ def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, gr
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = r1 - r0
-        qc = _head_major(q, r0, r1, buf_in)
-        e = _query_chunk(qc, proj)
+        qc, e = _chunk_features(kept, "q", q, r0, r1, buf_in, lambda c: _query_chunk(c, proj))
         g1 = buf_g[: b * h * w * (d + 1)].view(b, h, w, d + 1)
         torch.div(grad_out[:, r0:r1].transpose(1, 2), den[:, :, r0:r1], out=g1[..., :d])
         torch.linalg.vecdot(g1[..., :d], out[:, r0:r1].transpose(1, 2), out=g1[..., d]).neg_()
@@ -555,8 +593,7 @@ def _backward_cells(grad_out, q, k, v, proj, out, den, context, stab, grad_q, gr
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = r1 - r0
-        kc = _head_major(k, r0, r1, buf_in)
-        e = proj(kc).sub_(proj.diag(kc).add_(stab)).exp2_()
+        kc, e = _chunk_features(kept, "k", k, r0, r1, buf_in, lambda c: proj(c).sub_(proj.diag(c).add_(stab)).exp2_())
         e_bh = e.view(b * h, w, m)
         gv = grad_v_of(e_bh)
         grad_v[:, r0:r1].copy_(gv.view(b, h, w, d).transpose(1, 2))
@@ -571,7 +608,9 @@ class _FusedFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, projection, key_stabilizer):  # noqa: D102
         q, k, v = qkv.unbind(2)
-        out, context, stab, den = _favor_forward(q, k, v, projection, key_stabilizer, keep_denominator=True)
+        out, context, stab, den, ctx.kept = _favor_forward(
+            q, k, v, projection, key_stabilizer, keep_denominator=True, keep_features=True
+        )
         ctx.save_for_backward(qkv, projection, out, den, context, stab)
         return out
 
@@ -581,7 +620,10 @@ class _FusedFavor(torch.autograd.Function):
         qkv, projection, out, den, context, stab = ctx.saved_tensors
         grad = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         with torch.autocast(qkv.device.type, enabled=False):
-            _favor_backward(grad_out.float(), *qkv.unbind(2), projection, out, den, context, stab, *grad.unbind(2))
+            _favor_backward(
+                grad_out.float(), *qkv.unbind(2), projection, out, den, context, stab, *grad.unbind(2), ctx.kept
+            )
+        ctx.kept = None
         return grad, None, None
 
 
