@@ -60,7 +60,8 @@ def _config(name: str) -> dict:
         except ImportError:
             pass
         else:
-            conf.update({k: COMPACT[k] for k in ("dim", "depth", "heads", "dim_head", "ff_mult") if k in COMPACT})
+            keys = ("dim", "depth", "heads", "dim_head", "ff_mult", "n_features")
+            conf.update({k: COMPACT[k] for k in keys if k in COMPACT})
             conf["n_genes"] = COMPACT_GENES
     conf["gene_emb_trainable"] = name != "full"
     return conf
@@ -93,6 +94,7 @@ def _build(torch, impl: str, conf: dict, device):
             heads=conf["heads"],
             dim_head=conf["dim_head"],
             ff_mult=conf["ff_mult"],
+            nb_features=conf.get("n_features"),  # None: its default, dim_head x ln(dim_head), as ours
             local_attn_heads=0,
             rotary_position_emb=False,
             attn_out_bias=True,
