@@ -25,8 +25,8 @@ logger = logging.getLogger(__name__)
 #: instead of 31) resolve highly expressed genes that 5 bins lump together. Dropout 0.3 in the classifier head
 #: (an MLP over one value per gene, most of the parameters) scored higher than 0.1 on held-out PBMC3k cells.
 #: A feed-forward of twice the width (not four times) and 24 random features per head (not 16 ln 16 = 44)
-#: train a cell in about three quarters of the time, as accurately (docs: benchmarks, "The compact model's
-#: recipe").
+#: train a cell in 0.68-0.74 of the time, as accurately within the seed-to-seed spread (docs: benchmarks, "A
+#: lighter compact model").
 COMPACT = {
     "dim": 32,
     "depth": 2,
