@@ -1,10 +1,11 @@
-"""What a compact cell costs: the training step and the forward pass of the compact model, by variant.
+"""What a compact cell costs: the training step and the forward pass of the compact model, by preset.
 
-The variants alternate in one process (round after round, the same cells), so their times are compared
-under the same load; the median over rounds is reported with the range, and every variant relative to
-the first. Variants: the previous compact configuration (feed-forward x4, 44 random features per head)
-and today's preset (``model="compact"``), each with the attention's features recomputed in the backward
-pass and kept from the forward pass (``KEEP_FEATURES_BYTES``, the package's default).
+The presets alternate in one process (round after round, the same cells), so their times are compared
+under the same load; the median over rounds is reported with the range, and every preset relative to
+the first. Presets: the first compact configuration (two layers, feed-forward x4, 44 random features
+per head, the attention's features recomputed in the backward pass), the previous one (two layers,
+feed-forward x2, 24 features, features kept from the forward pass: ``KEEP_FEATURES_BYTES``) and
+today's (``model="compact"``).
 
     python benchmarks/bench_compact.py --out compact.json
 """
@@ -25,12 +26,15 @@ from _common import describe, machine  # noqa: E402
 
 
 def _variants(compact: dict, keep: int) -> dict[str, tuple[dict, int]]:
-    previous = dict(compact, ff_mult=4, n_features=44)
+    def name(conf: dict) -> str:
+        layers = f"{conf['depth']} layer" + ("s" if conf["depth"] > 1 else "")
+        return f"{layers}, ff x{conf['ff_mult']}, {conf['n_features']} features"
+
+    first, previous = dict(compact, depth=2, ff_mult=4, n_features=44), dict(compact, depth=2, ff_mult=2, n_features=24)
     return {
-        "previous (ff x4, 44 features), recomputed": (previous, 0),
-        "previous (ff x4, 44 features), kept": (previous, keep),
-        f"today (ff x{compact['ff_mult']}, {compact['n_features']} features), recomputed": (compact, 0),
-        f"today (ff x{compact['ff_mult']}, {compact['n_features']} features), kept (default)": (compact, keep),
+        f"first: {name(first)}, recomputed": (first, 0),
+        f"previous: {name(previous)}, kept": (previous, keep),
+        f"today: {name(compact)}, kept": (compact, keep),
     }
 
 
@@ -86,8 +90,7 @@ def main() -> None:
             opt.step()
 
         for mode in modes:
-            # the forward pass keeps nothing: one row per configuration
-            names = list(variants) if mode == "train" else [n for n in variants if n.endswith("recomputed")]
+            names = list(variants)
             times: dict[str, list[float]] = {n: [] for n in names}
             for n in names:  # warm-up
                 step(n, mode)
@@ -104,7 +107,7 @@ def main() -> None:
             rows = []
             for n in names:
                 med = statistics.median(times[n])
-                label = n if mode == "train" else n.rsplit(",", 1)[0]
+                label = n if mode == "train" else n.rsplit(",", 1)[0]  # the forward pass keeps nothing
                 rows.append({"variant": label, "median_ms_per_cell": med, "min": min(times[n]), "max": max(times[n])})
                 print(f"  {label:58s} {med:6.2f} ms/cell ({min(times[n]):.2f}-{max(times[n]):.2f})  x{med / first:.2f}")
             results[mode] = {"load": load, "rows": rows}

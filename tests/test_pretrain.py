@@ -17,6 +17,7 @@ import torch
 import scbert_tl as scbert
 from scbert_tl import ScBERT
 from scbert_tl.data import H5adSource, MemorySource, panel_checksum
+from scbert_tl.tl._resolve import COMPACT
 from scbert_tl.train import StreamPlan, _step, load_checkpoint, mask_tokens, mode_baseline, pretrain_network
 
 N_GENES = 40
@@ -480,7 +481,9 @@ def test_cli(files, tmp_path, capsys):
 def test_compact_model_on_pbmc3k(pbmc3k):
     a = pbmc3k[:400].copy()
     model = scbert.tl.pretrain(a, n_genes=300, max_steps=2, batch_size=16, validation_size=32)
-    assert len(model.genes) == 300 and model.config.depth == 2 and model.provenance["source"] == "compact"
+    assert (
+        len(model.genes) == 300 and model.config.depth == COMPACT["depth"] and model.provenance["source"] == "compact"
+    )
     assert "scbert_bins" in a.layers  # binned in place for the model's panel
     assert a.uns["scbert"]["panel_checksum"] == panel_checksum(model.genes)
     assert model.history[-1]["val_masked"] > 0

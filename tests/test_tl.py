@@ -264,6 +264,22 @@ def test_finetune_is_deterministic_on_cpu(split, genes):
         assert torch.equal(v, w), k
 
 
+def test_a_new_model_takes_fewer_epochs_on_more_cells(split, genes, monkeypatch):
+    """8 epochs up to 1,600 training cells, then about 12,000 cells seen, never fewer than 6; given epochs win."""
+    from scbert_tl.tl import _resolve
+
+    assert [_resolve.new_model_epochs(n) for n in (1, 335, 1600, 1700, 1899, 100_000)] == [8, 8, 8, 7, 6, 6]
+    ref, _ = split
+    small = ref[:150].copy()
+    monkeypatch.setattr(_resolve, "NEW_MODEL_CELLS_SEEN", 7 * 134)  # 134 training cells (16 validation): 7 epochs
+    kw = {"batch_size": 32, "patience": 10, "rng": 0}
+    m = scbert.tl.finetune(small, "cell_type", model=ScBERT.new(genes, seed=1, **SMALL), **kw)
+    assert m.provenance["n_train"] == 134
+    assert m.provenance["options"]["epochs"] == 7 and len(m.history) == 7
+    given = scbert.tl.finetune(small, "cell_type", model=ScBERT.new(genes, seed=1, **SMALL), epochs=2, **kw)
+    assert given.provenance["options"]["epochs"] == 2 and len(given.history) == 2
+
+
 def test_gradient_accumulation_equals_one_big_batch(split, genes):
     ref, _ = split
     small = ref[:96].copy()

@@ -17,7 +17,7 @@ from ..train._finetune import FinetuneOptions, fit_classifier, options_dict
 from ..train._inference import check_compute
 from ._data import tokens_for
 from ._depth import depth_augmentation
-from ._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE, resolve_model
+from ._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE, new_model_epochs, resolve_model
 
 if TYPE_CHECKING:
     import os
@@ -180,8 +180,9 @@ def finetune(
         Fraction of cells held out (stratified by label), a boolean ``adata.obs`` column (True =
         validation), or a list of obs names.
     epochs
-        Maximum passes over the training cells (the cosine schedule ends with them). Default 8 for a new
-        model, 20 when starting from trained weights.
+        Maximum passes over the training cells (the cosine schedule ends with them). Default for a new
+        model: 8, or fewer for more than 1,600 training cells (about 12,000 cells seen in all, at least 6
+        epochs); 20 when starting from trained weights.
     batch_size
         Cells per forward pass.
     lr
@@ -282,7 +283,7 @@ def finetune(
         m = resolve_model(
             model, adata, seed=rng, params=params, measured=_measured_ids(genes_measured_in), labels=marker_labels
         )
-        options = _options(m, seed=rng, **given)
+        options = _options(m, n_train=train_rows.size, seed=rng, **given)
         if options.mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
             m.unmeasured = "mask"
         tokens = tokens_for(adata, m, **params)
@@ -322,10 +323,12 @@ def finetune(
     return m
 
 
-def _options(m: ScBERT, **given: Any) -> FinetuneOptions:
+def _options(m: ScBERT, *, n_train: int, **given: Any) -> FinetuneOptions:
     """The run's options: those given, the rest from the defaults for a new model or for trained weights."""
     new_model = m.provenance.get("source") in ("compact", "new")
     defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
+    if new_model and given["epochs"] is None:
+        given["epochs"] = new_model_epochs(n_train)
     for key in ("epochs", "patience", "lr", "mask_genes", "downsample"):
         if given[key] is None:
             given[key] = defaults[key]

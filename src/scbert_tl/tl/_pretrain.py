@@ -191,7 +191,7 @@ def pretrain(
         :func:`scbert_tl.pp.bin` (logged); files without them are binned chunk by chunk as they are read
         (logged; run :func:`~scbert_tl.pp.bin` and write the file once to save that work every epoch).
     model
-        ``None`` or ``"compact"``: a new CPU-sized model (2 layers of width 32, 2 heads of 16, 9 bins) over at
+        ``None`` or ``"compact"``: a new CPU-sized model (1 layer of width 32, 2 heads of 16, 9 bins) over at
         most ``n_genes`` scBERT panel genes present in the data, highly variable ones first (ranked by
         :func:`scanpy.pp.highly_variable_genes` on a pooled sample of at most 50,000 cells); a registry
         name (``"scbert-panglao"``, the published weights); an :class:`~scbert_tl.ScBERT` (copied, not
