@@ -64,18 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     _protocol_options(bench)
     bench.add_argument(
-        "--epochs",
-        type=int,
-        help="maximum fine-tuning epochs (default: 8 for a new model, 20 from trained weights; 7 or 6 for a new model above 1,600 training cells)",
-    )
-    bench.add_argument(
         "--patience",
         type=int,
         help="epochs without validation improvement (default: 3 for a new model, 5 from trained weights)",
-    )
-    bench.add_argument("--batch-size", type=int, default=32, help="cells per training step")
-    bench.add_argument(
-        "--lr", type=float, help="peak learning rate (default: 0.001 for a new model, 0.0001 from trained weights)"
     )
     bench.add_argument(
         "--gene-bias",

@@ -31,15 +31,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=0.1,
         help="share of cells held out (stratified) to select the epoch and calibrate; not a test score",
     )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        help="maximum epochs (default: 8 for a new model, 20 from trained weights; 7 or 6 for a new model above 1,600 training cells)",
-    )
-    p.add_argument("--batch-size", type=int, default=32, help="cells per training step")
-    p.add_argument(
-        "--lr", type=float, help="peak learning rate (default: 0.001 for a new model, 0.0001 from trained weights)"
-    )
     training_options(p)
     p.add_argument(
         "--trainable",
