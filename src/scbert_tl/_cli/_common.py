@@ -155,8 +155,8 @@ def training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs",
         type=int,
-        help="maximum fine-tuning epochs (default: 8 for a new model, 20 from trained weights; a new model "
-        "trained on more than 1,600 cells takes 7 or 6, about 12,000 cells seen)",
+        help="maximum fine-tuning epochs (default: 20 for a new model, 20 from trained weights; a new model "
+        "trained on more than 600 cells takes fewer, about 12,000 cells seen, at least 6)",
     )
     parser.add_argument("--batch-size", type=int, default=32, help="cells per training step")
     parser.add_argument(

@@ -181,8 +181,8 @@ def finetune(
         validation), or a list of obs names.
     epochs
         Maximum passes over the training cells (the cosine schedule ends with them). Default for a new
-        model: 8, or fewer for more than 1,600 training cells (about 12,000 cells seen in all, at least 6
-        epochs); 20 when starting from trained weights.
+        model: about 12,000 cells seen in all, between 6 and 20 epochs (20 up to 600 training cells, 15 for
+        800, 6 from 1,850); 20 when starting from trained weights.
     batch_size
         Cells per forward pass.
     lr
