@@ -15,7 +15,7 @@ from scbert_tl import ScBERT
 from scbert_tl._cli import main
 from scbert_tl.data import panel_checksum
 from scbert_tl.train._augment import gene_mask
-from scbert_tl.train._finetune import epoch_rows
+from scbert_tl.train._finetune import epoch_rows, epoch_sampling
 
 SMALL = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "classifier_hidden": (256, 64), "classifier_dropout": 0.1}
 
@@ -238,6 +238,14 @@ def test_sampled_epochs_draw_every_class_equally_often():
     share = np.bincount(labels[drawn]) / drawn.size
     np.testing.assert_allclose(share, 1 / 3, atol=0.02)  # the 4 cells of class 1 (3 in training) as often as 500
     assert np.unique(drawn[labels[drawn] == 1]).size == 3
+
+
+def test_sampled_training_shuffles_its_first_half_of_epochs():
+    """With "sampled", the first half of the epochs (rounded up) shuffle the cells; the rest draw classes equally."""
+    assert [epoch_sampling("sampled", k, 6) for k in range(1, 7)] == [None] * 3 + ["sampled"] * 3
+    assert [epoch_sampling("sampled", k, 19) for k in range(1, 20)].count(None) == 10
+    assert epoch_sampling("sampled", 1, 1) is None
+    assert {epoch_sampling(w, k, 6) for w in ("balanced", None) for k in range(1, 7)} == {"balanced", None}
 
 
 def test_embed_feeds_scanpy(finetuned, split):

@@ -196,9 +196,11 @@ def finetune(
         Epochs without validation improvement before stopping. Default 3 for a new model, 5 when
         starting from trained weights.
     class_weight
-        How rare types are given their weight. ``"sampled"`` (the default) draws each epoch's cells
-        with replacement, every class equally likely, so that a rare type's few cells are seen (each
-        time differently augmented) as often as a large type's, with an unweighted loss;
+        How rare types are given their weight. ``"sampled"`` (the default): the first half of the epochs
+        shuffle the cells as they come, so the network learns from every cell of the large types; the
+        other half draw their cells with replacement, every class equally likely, so that a rare type's
+        few cells are seen (each time differently augmented) as often as a large type's, with an
+        unweighted loss;
         ``"balanced"`` weights the loss by inverse class frequency instead (the earlier default);
         ``None`` does neither.
     trainable
