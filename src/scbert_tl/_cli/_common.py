@@ -167,7 +167,8 @@ def training_options(parser: argparse.ArgumentParser) -> None:
         type=_class_weight,
         default="sampled",
         metavar="{sampled,balanced,none}",
-        help="rare types: sampled (every class drawn equally often in each epoch), balanced (the loss weighted by "
+        help="rare types: sampled (the first half of the epochs take the cells as they come, the rest draw every "
+        "class equally often), balanced (the loss weighted by "
         "inverse class frequency) or none (default: sampled)",
     )
     parser.add_argument(
