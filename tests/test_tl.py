@@ -160,6 +160,7 @@ def test_a_query_missing_most_model_genes_reads_them_as_unknown(finetuned, split
 
 
 def test_a_compact_model_can_take_its_genes_among_those_a_query_measures(split, caplog):
+    from scbert_tl.tl._finetune import _options
     from scbert_tl.tl._resolve import compact_genes
 
     ref, query = split
@@ -175,6 +176,11 @@ def test_a_compact_model_can_take_its_genes_among_those_a_query_measures(split, 
     codes[(trained.obs["scbert_split"] == "validation").to_numpy()] = -1
     assert model.genes == compact_genes(ref, measured=list(reduced.var_names), labels=codes)
     assert model.provenance["genes_measured_in"] == reduced.n_vars
+    # the query measures every gene: no gene masking by default (it cost Segerstolpe -> Baron 0.01-0.02), unless asked
+    assert model.provenance["options"]["mask_genes"] == 0.0 and model.unmeasured == "zero"
+    unset = dict.fromkeys(("epochs", "lr", "patience", "trainable", "mask_genes", "downsample"))
+    assert _options(model, n_train=100, query_known=True, **{**unset, "mask_genes": 0.5}).mask_genes == 0.5
+    assert _options(model, n_train=100, query_known=False, **unset).mask_genes == 1.0
     with caplog.at_level("WARNING"):
         out = scbert.tl.annotate(reduced, model, copy=True)
     assert out.uns["scbert"]["coverage"]["panel_genes_matched"] == 2000 and "[MASK]" not in caplog.text

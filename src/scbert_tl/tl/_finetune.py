@@ -226,8 +226,11 @@ def finetune(
         its unmeasured genes as ``[MASK]`` (the model's ``unmeasured`` becomes ``"mask"``);
         the coverage is logged, as a warning below 90%. A third of the cells keep all genes, a third
         lose genes at random, a third lose the genes least often detected in the training cells
-        (queries filtered to their most detected genes). Default: 1 for a new model; 0 (none: the
-        published preprocessing, unmeasured genes fed as 0) when starting from trained weights.
+        (queries filtered to their most detected genes). Default: 1 for a new model; 0 (none) for a new
+        compact model whose genes are chosen among a query's (``genes_measured_in``: the query measures
+        them all, and masking only cost accuracy there: Segerstolpe -> Baron macro F1 0.950 without it
+        against 0.933 with it over three seeds), and when starting from trained weights (the published
+        preprocessing, unmeasured genes fed as 0).
     downsample
         Depth augmentation: in every training step about half of the cells are thinned (each count kept
         with the same chance, a binomial draw) to a total drawn log-uniformly between ``downsample``
@@ -285,7 +288,7 @@ def finetune(
         m = resolve_model(
             model, adata, seed=rng, params=params, measured=_measured_ids(genes_measured_in), labels=marker_labels
         )
-        options = _options(m, n_train=train_rows.size, seed=rng, **given)
+        options = _options(m, n_train=train_rows.size, query_known=genes_measured_in is not None, seed=rng, **given)
         if options.mask_genes > 0:  # the model learns [MASK] as "not measured": feed unmeasured genes that way
             m.unmeasured = "mask"
         tokens = tokens_for(adata, m, **params)
@@ -325,12 +328,18 @@ def finetune(
     return m
 
 
-def _options(m: ScBERT, *, n_train: int, **given: Any) -> FinetuneOptions:
-    """The run's options: those given, the rest from the defaults for a new model or for trained weights."""
+def _options(m: ScBERT, *, n_train: int, query_known: bool, **given: Any) -> FinetuneOptions:
+    """The run's options: those given, the rest from the defaults for a new model or for trained weights.
+
+    A new model whose genes were chosen among a query's (``query_known``) is not trained with gene masking:
+    the query measures every one of its genes.
+    """
     new_model = m.provenance.get("source") in ("compact", "new")
     defaults = NEW_MODEL_FINETUNE if new_model else TRAINED_FINETUNE
     if new_model and given["epochs"] is None:
         given["epochs"] = new_model_epochs(n_train)
+    if new_model and query_known and given["mask_genes"] is None:
+        given["mask_genes"] = 0.0
     for key in ("epochs", "patience", "lr", "mask_genes", "downsample"):
         if given[key] is None:
             given[key] = defaults[key]

@@ -113,7 +113,8 @@ def dataset_transfer(
     :func:`~scbert_tl.pp.bin`. The baselines use the genes shared by the training datasets and the
     query, each cell normalised to 1e4 over those genes and ``log1p``. A new compact model
     (``model="compact"``) takes its genes among those the query measures too (``query_genes``), so
-    that no model gene is fed to it as ``[MASK]``.
+    that no model gene is fed to it as ``[MASK]``, and is then trained without gene masking (unless
+    ``finetune_kwargs`` give ``mask_genes``).
 
     **Labels at different resolutions.** ``label_map`` maps labels to a shared level, e.g. PBMC types
     to lineages (``{{"Naive CD4 T": "T_CD4", "Memory CD4 T": "T_CD4", "CD14+ Mono": "MNP", ...}}``).
