@@ -72,7 +72,7 @@ def test_help_states_the_finetuning_defaults():
     from scbert_tl.tl._resolve import NEW_MODEL_FINETUNE, TRAINED_FINETUNE
 
     parsers = _subparsers(_cli.build_parser())
-    finetune = ("epochs", "lr", "downsample")
+    finetune = ("epochs", "lr", "downsample", "mask_genes")
     for command, keys in (("finetune", finetune), ("benchmark", ("epochs", "lr", "patience"))):
         helps = {a.dest: a.help for a in parsers[command]._actions}
         for key in keys:

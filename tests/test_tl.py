@@ -509,6 +509,20 @@ def test_cli_finetune_annotate_round_trip(split, genes, tmp_path, capsys):
     assert e.value.code == 0
 
 
+def test_cli_finetune_takes_the_genes_of_a_query_file(split, tmp_path):
+    ref, query = split
+    detected = np.asarray((query.X > 0).sum(0)).ravel()
+    reduced = query[:, np.sort(np.argsort(-detected, kind="stable")[:5000])].copy()
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    reduced.write_h5ad(tmp_path / "query.h5ad")
+    argv = ["finetune", str(tmp_path / "ref.h5ad"), "--label-key", "cell_type", "--out", str(tmp_path / "m")]
+    extra = ["--genes-measured-in", str(tmp_path / "query.h5ad"), "--mask-genes", "0.5", "--epochs", "1", "-q"]
+    assert main([*argv, *extra]) == 0
+    model = ScBERT.load(tmp_path / "m")
+    assert set(model.genes) <= set(reduced.var_names) and model.provenance["genes_measured_in"] == reduced.n_vars
+    assert model.provenance["options"]["mask_genes"] == 0.5 and model.unmeasured == "mask"  # given: it wins
+
+
 def test_plots_render(finetuned, split, tmp_path):
     import matplotlib
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import DEFAULT_MODEL, MODEL_HELP, add_command, data_options, read_h5ad, training_options
+from ._common import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    add_command,
+    check_input,
+    data_options,
+    read_h5ad,
+    training_options,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -54,6 +62,21 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "exp(N(0, SD^2)), as another protocol would measure them; 0.5 for a reference and query of different "
         "protocols (default: 0, off)",
     )
+    p.add_argument(
+        "--mask-genes",
+        type=float,
+        metavar="SHARE",
+        help="gene masking: each training cell hides up to SHARE of its genes behind [MASK], so that genes a query "
+        "lacks are read as unknown; 0 turns it off (default: 1 for a new model, 0 from trained weights, and 0 "
+        "with --genes-measured-in, whose query measures every model gene)",
+    )
+    p.add_argument(
+        "--genes-measured-in",
+        type=Path,
+        metavar="QUERY.h5ad",
+        help="the query the model is for: a new compact model takes its genes among those it measures (its var "
+        "names, or the --gene-key column when it has one; its expression is not read)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split, the shuffling and new weights")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     data_options(p)
@@ -72,6 +95,7 @@ PASSED = (
     "trainable",
     "downsample",
     "gene_bias",
+    "mask_genes",
     "gene_key",
     "layer",
     "use_raw",
@@ -84,8 +108,15 @@ def run(args: argparse.Namespace) -> int:
     from .._paths import check_model_target
 
     check_model_target(args.out.expanduser(), overwrite=args.overwrite)  # before the work, not after it
+    measured = None if args.genes_measured_in is None else _query_genes(args.genes_measured_in, args.gene_key)
     adata = read_h5ad(args.input)
-    model = tl.finetune(adata, args.label_key, rng=args.seed, **{name: getattr(args, name) for name in PASSED})
+    model = tl.finetune(
+        adata,
+        args.label_key,
+        rng=args.seed,
+        genes_measured_in=measured,
+        **{name: getattr(args, name) for name in PASSED},
+    )
     model.save(args.out, overwrite=args.overwrite)
     v = model.provenance["validation"]
     print(
@@ -93,3 +124,16 @@ def run(args: argparse.Namespace) -> int:
         f"accuracy {v.get('accuracy', float('nan')):.3f}, macro F1 {v.get('macro_f1', float('nan')):.3f})"
     )
     return 0
+
+
+def _query_genes(path: Path, gene_key: str | None) -> list[str]:
+    """The gene identifiers of the query file: its ``gene_key`` column when it has one, else its var names."""
+    import anndata as ad
+
+    check_input(path)
+    query = ad.read_h5ad(path, backed="r")  # only var is needed
+    try:
+        ids = query.var[gene_key] if gene_key is not None and gene_key in query.var.columns else query.var_names
+        return [str(g) for g in ids]
+    finally:
+        query.file.close()
