@@ -457,8 +457,10 @@ def test_cli_benchmark_writes_a_report_and_fails_cleanly(data, model, tmp_path, 
         "transfer",
     ]
     more = ["--reference", "ref", "--label-map", str(tmp_path / "lineage.json")]
-    assert main([*transfer, *options[:-4], "--baselines", "l1_logistic", *more, "--gene-bias", "0.5", "-q"]) == 0
-    assert '"gene_bias": 0.5' in (tmp_path / "tr" / "report.md").read_text()  # passed on to fine-tuning
+    extra = ["--gene-bias", "0.5", "--mask-genes", "0.3", "-q"]
+    assert main([*transfer, *options[:-4], "--baselines", "l1_logistic", *more, *extra]) == 0
+    text = (tmp_path / "tr" / "report.md").read_text()
+    assert '"gene_bias": 0.5' in text and '"mask_genes": 0.3' in text  # passed on to fine-tuning
     rows = pd.read_csv(tmp_path / "tr" / "transfer.csv")
     assert list(rows["held_out"]) == ["query", "query"] and set(rows["reference"]) == {"ref"}
     assert {"f1:T", "f1:Mono", "f1:B", "f1:NK", "ece"} <= set(rows.columns)

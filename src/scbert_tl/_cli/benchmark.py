@@ -75,6 +75,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="SD",
         help="per-gene capture factors in depth augmentation, as scbert finetune --gene-bias (default: 0, off)",
     )
+    bench.add_argument(
+        "--mask-genes",
+        type=float,
+        metavar="SHARE",
+        help="gene masking, as scbert finetune --mask-genes (default: 1 for a new model, 0 from trained weights, "
+        "and 0 in the transfer protocol, whose model takes its genes among the query's)",
+    )
     training_options(bench)
     bench.add_argument("--validation", type=float, default=0.1, help="share of training cells for model selection")
     bench.add_argument("--seed", type=int, default=0, help="seed of the folds and of the training")
@@ -385,6 +392,8 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.gene_bias:
         finetune_kwargs["gene_bias"] = args.gene_bias
+    if args.mask_genes is not None:
+        finetune_kwargs["mask_genes"] = args.mask_genes
     for key in ("gene_key", "layer", "use_raw"):
         if getattr(args, key, None) is not None:
             finetune_kwargs[key] = getattr(args, key)
