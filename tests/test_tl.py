@@ -300,6 +300,23 @@ def test_a_new_model_takes_fewer_epochs_on_more_cells(split, genes, monkeypatch)
     assert given.provenance["options"]["epochs"] == 2 and len(given.history) == 2
 
 
+def test_early_stopping_waits_for_the_balanced_epochs(split, genes, monkeypatch):
+    """With "sampled", epochs of the first phase do not count towards patience: rare types are learnt after it."""
+    from scbert_tl.train import _finetune as _finetune_train
+
+    small = split[0][:150].copy()
+    evaluate, rows, sampling = _finetune_train.evaluate, _finetune_train.epoch_rows, []
+    flat = {"balanced_probability": 0.5, "macro_f1": 0.5, "accuracy": 0.5, "loss": 1.0}  # never improves
+    monkeypatch.setattr(_finetune_train, "evaluate", lambda *a, **k: {**evaluate(*a, **k), **flat})
+    monkeypatch.setattr(_finetune_train, "epoch_rows", lambda *a: sampling.append(a[2]) or rows(*a))
+    kw = {"epochs": 7, "patience": 1, "batch_size": 32, "rng": 0}
+    m = scbert.tl.finetune(small, "cell_type", model=ScBERT.new(genes, seed=1, **SMALL), **kw)
+    assert sampling == [None] * 4 + ["sampled"] and len(m.history) == 5  # stopped after one balanced epoch
+    sampling.clear()
+    m = scbert.tl.finetune(small, "cell_type", model=ScBERT.new(genes, seed=1, **SMALL), class_weight=None, **kw)
+    assert sampling == [None, None] and len(m.history) == 2  # without the phases, patience counts from the start
+
+
 def test_gradient_accumulation_equals_one_big_batch(split, genes):
     ref, _ = split
     small = ref[:96].copy()

@@ -194,7 +194,8 @@ def finetune(
         Micro-batches per optimiser step (the update equals one batch of ``batch_size * accumulate``).
     patience
         Epochs without validation improvement before stopping. Default 3 for a new model, 5 when
-        starting from trained weights.
+        starting from trained weights. With ``class_weight="sampled"`` the epochs of the first phase do
+        not count: training always reaches the class-balanced epochs, where rare types are learnt.
     class_weight
         How rare types are given their weight. ``"sampled"`` (the default): the first half of the epochs
         shuffle the cells as they come, so the network learns from every cell of the large types; the

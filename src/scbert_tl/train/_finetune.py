@@ -318,6 +318,8 @@ def fit_classifier(
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in shown})
             bar.update(1)
             logger.debug("epoch %d: %s", epoch, record)
+            if o.class_weight == "sampled" and epoch_sampling(o.class_weight, epoch, o.epochs) is None:
+                stale = 0  # the first phase does not count: rare types are learnt in the balanced epochs after it
             if stale >= o.patience:
                 logger.info("Early stop after epoch %d: no validation improvement for %d epochs", epoch, o.patience)
                 break
